@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mpdnn.quantizers._ste import at_least, ceil_ste, round_ste
+from mpdnn.quantizers._ste import at_least, ceil_ste, round_ste, round_to_grid
 
 
 def clip_to_range(x: jax.Array, qmax: jax.Array, *, signed: bool) -> jax.Array:
@@ -29,8 +29,7 @@ def quantize(x: jax.Array, d: jax.Array, qmax: jax.Array, *, signed: bool) -> ja
     Gradients: ``dQ/dx = 1`` inside the range, else 0; ``dQ/dd = round(c/d) - c/d``
     (``(Q - x)/d`` inside, bounded by 1/2); ``dQ/dqmax = ±1`` outside, 0 inside.
     """
-    c = clip_to_range(x, qmax, signed=signed)
-    return d * round_ste(c / d)
+    return round_to_grid(clip_to_range(x, qmax, signed=signed), d)
 
 
 def bits(d: jax.Array, qmax: jax.Array, *, signed: bool, b_min: float) -> jax.Array:

@@ -1,0 +1,181 @@
+"""Values and straight-through gradients of every parametrization against ``reference.py``.
+
+The reference is an independent float64 NumPy reading of SPEC §1–3 with the closed-form
+gradients of §1 chained by hand through §2 (finite differences of a step function mean
+nothing). θ is drawn inside and outside its box; x covers the inside and outside of the range
+and the exact bounds, where ties must go to the bound.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mpdnn.quantizers as mq
+from tests.conftest import all_spec_kwargs, spec_id
+from tests.quantizers import reference as ref
+
+SPECS = all_spec_kwargs()
+
+# Raw values per key: inside the weight boxes, and outside them on both sides.
+THETA_CHOICES = {
+    "b": [3.3, 4.6, 5.5001, 1.2, 9.7],
+    "d": [0.3, 0.07, 0.011, 3.0, 1e-4],
+    "qmax": [1.3, 0.6, 3.9, 200.0, 1e-3],
+    "qmin": [0.02, 0.004, 0.2, 1e-7],
+}
+
+
+def _theta_cases(spec: mq.QuantSpec, n: int, rng: np.random.Generator):
+    names = spec.theta_names
+    cases = [{k: THETA_CHOICES[k][0] for k in names}]  # one plain inside-the-box case
+    for _ in range(n - 1):
+        cases.append({k: float(rng.choice(THETA_CHOICES[k])) for k in names})
+    # Store θ exactly as float32 so that both implementations see the same numbers.
+    return [{k: float(np.float32(v)) for k, v in c.items()} for c in cases]
+
+
+def _inputs(spec: mq.QuantSpec, theta: dict, rng: np.random.Generator) -> np.ndarray:
+    """x around the quantizer's range plus its exact bounds, minus near-ties.
+
+    Near-ties (within 1e-3 of a rounding boundary) are dropped: float32 and float64 may
+    round them differently, which says nothing about the formula.
+    """
+    v = ref.canonical(theta, spec)["val"]
+    qmax = v["qmax"]
+    x = rng.uniform(-2.0 * qmax, 2.0 * qmax, size=400)
+    special = [0.0, qmax, -qmax, 2 * qmax, -2 * qmax]
+    if spec.family == "pow2":
+        qmin = v["qmin"]
+        x = np.concatenate([x, rng.uniform(-2 * qmin, 2 * qmin, 100)])
+        special += [qmin, -qmin, 0.5 * qmin, -0.3 * qmin]
+    x = np.concatenate([x, special]).astype(np.float32).astype(np.float64)
+    keep = np.ones_like(x, bool)
+    if spec.family == "uniform":
+        lo = -qmax if spec.signed else 0.0
+        r = np.clip(x, lo, qmax) / v["d"]
+        frac = np.abs(r) - np.floor(np.abs(r))
+        keep &= np.abs(frac - 0.5) > 1e-3
+    else:
+        a = np.abs(x)
+        with np.errstate(divide="ignore"):
+            lg = np.log2(np.where(a > 0, a, 1.0))
+        keep &= np.abs(lg - np.floor(lg) - 0.5) > 1e-3
+        keep &= np.abs(a - v["qmin"] / math.sqrt(2.0)) > 1e-3 * v["qmin"]
+    if not spec.pow2_step:
+        # Derived bounds are inexact in float32 without the snap; exact-bound ties are
+        # covered by the pow2_step=True cases, where every bound is exactly representable.
+        for bound in (v["qmax"], v.get("qmin", v["qmax"])):
+            keep &= np.abs(np.abs(x) - bound) > 1e-5 * bound
+    return x[keep].astype(np.float32)
+
+
+@pytest.mark.parametrize("kw", SPECS, ids=spec_id)
+def test_values_and_gradients_match_reference(kw, maybe_jit):
+    spec = mq.QuantSpec(**kw)
+    rng = np.random.default_rng(zlib.crc32(spec_id(kw).encode()))
+
+    def loss(x, theta, w):
+        return jnp.sum(w * mq.quantize(x, theta, spec))
+
+    value_and_grads = maybe_jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    quant = maybe_jit(lambda x, theta: mq.quantize(x, theta, spec))
+    for theta in _theta_cases(spec, 6, rng):
+        x = _inputs(spec, theta, rng)
+        w = rng.normal(size=x.shape).astype(np.float32)
+        q_ref, gx_ref, gt_ref = ref.quantize_and_grads(x, theta, spec, w)
+        theta_j = {k: jnp.float32(v) for k, v in theta.items()}
+
+        q = np.asarray(quant(jnp.asarray(x), theta_j), np.float64)
+        np.testing.assert_allclose(q, q_ref, rtol=1e-6, atol=0, err_msg=f"values, θ={theta}")
+
+        _, (gx, gt) = value_and_grads(jnp.asarray(x), theta_j, jnp.asarray(w))
+        np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-6, err_msg=f"dQ/dx, θ={theta}")
+        # θ-gradients are float32 sums over x (rounding error ~ eps * sum|w| * sqrt(n)); with a
+        # free step each c/d also carries error of order eps * qmax/d. A wrong formula, tie or
+        # sign errs by ~|w_i|/2 on at least one term, far above this tolerance.
+        v = ref.canonical(theta, spec)["val"]
+        spread = 1.0 if spec.pow2_step else 1.0 + v["qmax"] / v.get("d", v["qmax"])
+        atol = 4 * np.finfo(np.float32).eps * np.sum(np.abs(w)) * spread
+        for k in theta:
+            np.testing.assert_allclose(
+                float(gt[k]), gt_ref[k], rtol=1e-5, atol=atol, err_msg=f"d/d{k}, θ={theta}"
+            )
+
+
+@pytest.mark.parametrize("kw", SPECS, ids=spec_id)
+def test_bitwidth_matches_reference(kw, maybe_jit):
+    spec = mq.QuantSpec(**kw)
+    rng = np.random.default_rng(7)
+    bw = maybe_jit(lambda theta: mq.bitwidth(theta, spec))
+    for theta in _theta_cases(spec, 12, rng):
+        theta_j = {k: jnp.float32(v) for k, v in theta.items()}
+        assert float(bw(theta_j)) == ref.bits(theta, spec), theta
+
+
+# Hand-computed cases (no code involved): SPEC §1.1 gradients inside and outside the range.
+def test_u3_closed_form_by_hand():
+    spec = mq.QuantSpec(family="uniform", parametrization="d_qmax", signed=True)
+    # raw d = 0.3 snaps to 0.25 (log2 0.3 = -1.74 -> -2); qmax = 1.0.
+    x = jnp.array([0.3, 0.9, 1.7, -1.2, -0.05])
+    theta = {"d": jnp.float32(0.3), "qmax": jnp.float32(1.0)}
+    np.testing.assert_array_equal(mq.quantize(x, theta, spec), [0.25, 1.0, 1.0, -1.0, 0.0])
+    gx, gt = jax.grad(lambda x, t: mq.quantize(x, t, spec).sum(), argnums=(0, 1))(x, theta)
+    np.testing.assert_array_equal(gx, [1, 1, 0, 0, 1])
+    # dQ/dd = round(c/d) - c/d: (1 - 1.2) + (4 - 3.6) + 0 + 0 + (0 + 0.2) = 0.4; chain 0.25/0.3.
+    np.testing.assert_allclose(gt["d"], 0.4 * 0.25 / 0.3, rtol=1e-5)
+    # dQ/dqmax = +1 (x=1.7) - 1 (x=-1.2).
+    np.testing.assert_allclose(gt["qmax"], 0.0, atol=1e-7)
+    g_qmax = jax.grad(lambda t: mq.quantize(x[2:3], t, spec).sum())(theta)["qmax"]
+    assert float(g_qmax) == 1.0
+
+
+def test_p3_closed_form_by_hand():
+    spec = mq.QuantSpec(family="pow2", parametrization="qmin_qmax", signed=True)
+    theta = {"qmin": jnp.float32(0.125), "qmax": jnp.float32(1.0)}
+    x = jnp.array([0.05, 0.3, -0.7, 3.0, 0.0])
+    # 0.05 < qmin -> qmin; 0.3 -> 2**round(-1.74) = 0.25; -0.7 -> -2**round(-0.51) = -0.5;
+    # 3 >= qmax -> 1; 0 -> +qmin (sign(0) = +1, no zero without with_zero).
+    np.testing.assert_array_equal(mq.quantize(x, theta, spec), [0.125, 0.25, -0.5, 1.0, 0.125])
+    gx, gt = jax.grad(lambda x, t: mq.quantize(x, t, spec).sum(), argnums=(0, 1))(x, theta)
+    np.testing.assert_allclose(gx, [0, 0.25 / 0.3, 0.5 / 0.7, 0, 0], rtol=1e-6)
+    assert float(gt["qmin"]) == 2.0  # x = 0.05 and x = 0 (both sign +1)
+    assert float(gt["qmax"]) == 1.0
+
+
+def test_pow2_with_zero_threshold_by_hand():
+    spec = mq.QuantSpec(family="pow2", parametrization="qmin_qmax", signed=False, with_zero=True)
+    theta = {"qmin": jnp.float32(0.25), "qmax": jnp.float32(4.0)}
+    # qmin/√2 = 0.1768: 0.17 -> 0, 0.18 -> qmin; negatives pass a ReLU first.
+    x = jnp.array([0.17, 0.18, -3.0, 5.0])
+    np.testing.assert_array_equal(mq.quantize(x, theta, spec), [0.0, 0.25, 0.0, 4.0])
+    gt = jax.grad(lambda t: mq.quantize(x, t, spec).sum())(theta)
+    assert float(gt["qmin"]) == 1.0 and float(gt["qmax"]) == 1.0
+
+
+def test_unsigned_uniform_replaces_relu():
+    spec = mq.QuantSpec(family="uniform", parametrization="d_qmax", signed=False)
+    theta = {"d": jnp.float32(0.5), "qmax": jnp.float32(2.0)}
+    x = jnp.array([-1.0, 0.0, 0.6, 2.5])
+    np.testing.assert_array_equal(mq.quantize(x, theta, spec), [0.0, 0.0, 0.5, 2.0])
+    gx = jax.grad(lambda x: mq.quantize(x, theta, spec).sum())(x)
+    np.testing.assert_array_equal(gx, [0.0, 0.0, 1.0, 0.0])  # dQ/dx = 0 for x <= 0
+    g_qmax = jax.grad(lambda t: mq.quantize(x, t, spec).sum())(theta)["qmax"]
+    assert float(g_qmax) == 1.0  # only x = 2.5; no -1 branch when unsigned
+
+
+def test_u1_gradient_grows_with_bits():
+    """Paper §2.3: U1's dQ/db grows exponentially with b; U3's gradients stay bounded."""
+    x = jnp.full((1,), 100.0)  # saturated: dQ/dqmax = 1
+    spec = mq.QuantSpec(family="uniform", parametrization="b_d", signed=True)
+    grads = [
+        float(jax.grad(lambda t: mq.quantize(x, t, spec).sum())({"b": b, "d": 0.125})["b"])
+        for b in (3.0, 5.0, 7.0)
+    ]
+    # qmax = d (2**(b-1) - 1): dqmax/db = d 2**(b-1) ln 2.
+    np.testing.assert_allclose(grads, [0.125 * 2 ** (b - 1) * math.log(2) for b in (3, 5, 7)], rtol=1e-6)
