@@ -305,8 +305,10 @@ class Verdict(NamedTuple):
         if not np.isfinite(other):
             return f"{self.short_name} reached {ours:.4g}; every other case diverged"
         lo, hi = min(ours, other), max(ours, other)
-        # A factor reads better than "13000% lower" when the gap is large.
-        gap = f"{hi / lo:.3g}x" if hi >= 2 * lo else f"{(hi - lo) / hi:.2%}"
+        # A factor reads better than "13000% lower" when the gap is large; a tiny gap needs
+        # scientific notation, or it prints as "0.00%".
+        rel = (hi - lo) / hi
+        gap = f"{hi / lo:.3g}x" if hi >= 2 * lo else f"{rel:.2%}" if rel >= 1e-4 else f"{rel:.1e}"
         next_best = f"{self.runner_up}, {other:.4g}"
         if self.lowest and other > ours:
             where = (
@@ -350,6 +352,12 @@ def verdict(summaries: Mapping[str, Summary], *, rtol: float = 1e-6) -> dict[str
             runner_up_mse=best_mse,
         )
     return out
+
+
+def family_spread(summaries: Mapping[str, Summary], family: str) -> float:
+    """Relative spread ``(max - min) / min`` of the final MSEs within one family."""
+    finals = [s.final_mse for k, s in summaries.items() if k.startswith(family + "_") and s.finite]
+    return (max(finals) - min(finals)) / min(finals) if finals else float("nan")
 
 
 def verdict_sentence(summaries: Mapping[str, Summary]) -> str:
@@ -425,7 +433,7 @@ def _git(*args: str) -> str:
         check=True,
         cwd=Path(__file__).resolve().parent,
         timeout=10,
-    ).stdout.strip()
+    ).stdout
 
 
 def provenance(command: str, *, wall_time_s: float | None = None, seed: int | None = None) -> dict:
@@ -435,9 +443,10 @@ def provenance(command: str, *, wall_time_s: float | None = None, seed: int | No
     that differ from the commit, so a result produced by uncommitted code says so.
     """
     try:
-        commit = _git("rev-parse", "HEAD")
+        commit = _git("rev-parse", "HEAD").strip()
         status = _git("status", "--porcelain", "--untracked-files=all", "--", *_CODE_DIRS)
-        uncommitted = [line[3:] for line in status.splitlines()]
+        # Porcelain lines are "XY path"; X may be a space, so never strip the line's start.
+        uncommitted = [line[3:] for line in status.splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError):
         commit, uncommitted = "unknown (git unavailable)", []
     record = {

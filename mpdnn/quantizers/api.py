@@ -21,6 +21,13 @@ def _compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _align(p: jax.Array, ndim: int) -> jax.Array:
+    """Give a per-channel θ array the input's rank explicitly (numpy trailing-axis rules)."""
+    if 0 < p.ndim < ndim:
+        return p.reshape((1,) * (ndim - p.ndim) + p.shape)
+    return p
+
+
 def quantize(x: jax.typing.ArrayLike, theta: Theta, spec: QuantSpec) -> jax.Array:
     """Fake-quantize ``x`` with the quantizer that raw parameters ``theta`` define.
 
@@ -40,6 +47,7 @@ def quantize(x: jax.typing.ArrayLike, theta: Theta, spec: QuantSpec) -> jax.Arra
     dtype = _compute_dtype(x.dtype)
     xc = x.astype(dtype)
     params = canonical(theta, spec, dtype)
+    params = params._replace(**{k: _align(v, xc.ndim) for k, v in params._asdict().items()})
     if isinstance(params, Pow2Params):
         y = pow2.quantize(xc, params.qmin, params.qmax, signed=spec.signed, with_zero=spec.with_zero)
     else:

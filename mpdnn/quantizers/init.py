@@ -15,7 +15,10 @@ same quantizer (what the paper's Fig. 3 and Table 1 compare):
 
 Decisions where SPEC is silent: an all-zero weight tensor (e.g. a zero-initialised bias) falls
 back to the random-init rule, since log2(0) has no step; every initial raw value is clipped
-into its box, because a raw θ outside its box gets no gradient and would never move.
+into its box, because a raw θ outside its box gets no gradient and would never move; the step
+is clipped before qmax0 is derived from it, so the start keeps b0 bits. A signed pow2 start
+at b0 >= 6 spans 2**31 octaves or more, beyond the default qmin box (2**-16): its qmin is
+clipped and the start has fewer than b0 bits.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ RANDOM_INIT_STEP = 2.0**-3
 
 
 def _uniform_start(spec: QuantSpec, bits: int, step: jax.Array) -> dict[str, jax.Array]:
-    """Canonical uniform start (d, qmax, b) for ``bits`` with step ``step``."""
+    """Canonical uniform start (d, qmax, b) for ``bits`` with step ``step`` (boxed first)."""
+    step = jnp.clip(step, *spec.d_range)
     levels = 2.0 ** (bits - 1) - 1.0 if spec.signed else 2.0**bits - 1.0
     return {"b": jnp.float32(bits), "d": step, "qmax": step * levels}
 

@@ -179,3 +179,32 @@ def test_u1_gradient_grows_with_bits():
     ]
     # qmax = d (2**(b-1) - 1): dqmax/db = d 2**(b-1) ln 2.
     np.testing.assert_allclose(grads, [0.125 * 2 ** (b - 1) * math.log(2) for b in (3, 5, 7)], rtol=1e-6)
+
+
+def test_bitwidth_gradients_closed_form():
+    """SPEC §3 with straight-through ceil/round: the gradient of the smooth inner formula."""
+    ln2 = math.log(2.0)
+    # U3 signed: d raw 0.1 -> 0.125, qmax 1.0: q/d = 8, b = ceil(log2 9 + 1) = 5.
+    spec = mq.QuantSpec()
+    theta = {"d": jnp.float32(0.1), "qmax": jnp.float32(1.0)}
+    b, g = jax.value_and_grad(lambda t: mq.bitwidth(t, spec))(theta)
+    assert float(b) == 5.0
+    d, qmax = 0.125, 1.0
+    np.testing.assert_allclose(g["qmax"], 1 / (9 * ln2) / d, rtol=1e-6)
+    np.testing.assert_allclose(g["d"], -qmax / d**2 / (9 * ln2) * (0.125 / 0.1), rtol=1e-6)
+    # P3: qmin 2^-7, qmax raw 3.0 -> 4: L = log2(512) + 1 = 10, b = ceil(log2 10 + 1) = 5.
+    spec = mq.QuantSpec(family="pow2", parametrization="qmin_qmax")
+    theta = {"qmin": jnp.float32(2**-7), "qmax": jnp.float32(3.0)}
+    b, g = jax.value_and_grad(lambda t: mq.bitwidth(t, spec))(theta)
+    assert float(b) == 5.0
+    np.testing.assert_allclose(g["qmax"], 1 / (10 * ln2) / (4.0 * ln2) * (4.0 / 3.0), rtol=1e-6)
+    np.testing.assert_allclose(g["qmin"], -1 / (10 * ln2) / (2**-7 * ln2), rtol=1e-6)
+    # At b_min the max() passes no gradient (NNabla's maximum_scalar is strict).
+    spec = mq.QuantSpec()
+    g = jax.grad(lambda t: mq.bitwidth(t, spec))({"d": jnp.float32(0.5), "qmax": jnp.float32(0.5)})
+    assert float(g["d"]) == 0.0 and float(g["qmax"]) == 0.0
+    # b-based: gradient 1 strictly inside the box, 0 outside.
+    spec = mq.QuantSpec(parametrization="b_d")
+    for raw, expected in [(4.3, 1.0), (9.0, 0.0), (1.0, 0.0)]:
+        g = jax.grad(lambda t: mq.bitwidth(t, spec))({"b": jnp.float32(raw), "d": jnp.float32(0.1)})
+        assert float(g["b"]) == expected
