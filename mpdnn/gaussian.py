@@ -18,10 +18,6 @@ so importing this module loads only JAX and NumPy.
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
-import subprocess
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -53,9 +49,6 @@ SHORT_NAMES: dict[tuple[str, str], str] = {
     ("pow2", "b_qmin"): "pow2 b,qmin",
     ("pow2", "qmin_qmax"): "P3",
 }
-
-# Code whose uncommitted changes a result's provenance must mention (paths from the repo root).
-_CODE_DIRS = (":/mpdnn", ":/experiments", ":/scripts")
 
 DEFAULT_SEED = 0
 DEFAULT_NUM_SAMPLES = 10_000  # paper: 10^4 samples
@@ -308,7 +301,10 @@ class Verdict(NamedTuple):
         # A factor reads better than "13000% lower" when the gap is large; a tiny gap needs
         # scientific notation, or it prints as "0.00%".
         rel = (hi - lo) / hi
-        gap = f"{hi / lo:.3g}x" if hi >= 2 * lo else f"{rel:.2%}" if rel >= 1e-4 else f"{rel:.1e}"
+        if hi >= 2 * lo:
+            gap = f"{hi / lo:.3g}x"
+        else:
+            gap = f"{rel:.2%}" if rel >= 1e-4 else f"{100 * rel:.1e}%"
         next_best = f"{self.runner_up}, {other:.4g}"
         if self.lowest and other > ours:
             where = (
@@ -422,48 +418,6 @@ def record(trajectory: Trajectory) -> dict:
         "final_canonical": {k: _json_float(v[-1]) for k, v in trajectory.params.items()},
         "final_theta": {k: _json_float(v) for k, v in trajectory.theta.items()},
     }
-
-
-def _git(*args: str) -> str:
-    """Run a read-only git command in this checkout; raises if git or the repo is missing."""
-    return subprocess.run(
-        ["git", *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).resolve().parent,
-        timeout=10,
-    ).stdout
-
-
-def provenance(command: str, *, wall_time_s: float | None = None, seed: int | None = None) -> dict:
-    """Where a result came from: command, git commit, machine, date, jax version (STYLE.md).
-
-    ``uncommitted`` lists the code files (under ``mpdnn/``, ``experiments/``, ``scripts/``)
-    that differ from the commit, so a result produced by uncommitted code says so.
-    """
-    try:
-        commit = _git("rev-parse", "HEAD").strip()
-        status = _git("status", "--porcelain", "--untracked-files=all", "--", *_CODE_DIRS)
-        # Porcelain lines are "XY path"; X may be a space, so never strip the line's start.
-        uncommitted = [line[3:] for line in status.splitlines() if line.strip()]
-    except (OSError, subprocess.SubprocessError):
-        commit, uncommitted = "unknown (git unavailable)", []
-    record = {
-        "command": command,
-        "git_commit": commit,
-        "uncommitted": uncommitted,
-        "machine": f"{platform.platform()}; {platform.processor() or platform.machine()}",
-        "cpus": os.cpu_count(),
-        "devices": [str(d) for d in jax.devices()],
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "jax_version": jax.__version__,
-    }
-    if wall_time_s is not None:
-        record["wall_time_s"] = round(wall_time_s, 2)
-    if seed is not None:
-        record["seed"] = seed
-    return record
 
 
 def _case_style(key: str) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from mpdnn import gaussian
+from mpdnn.provenance import provenance
 
 BANNER = (
     "mpdnn.train: the network trainer is not built yet (SPEC §6-8).\n"
@@ -76,17 +77,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = gaussian.run_experiment(steps=args.steps, learning_rate=lr)
     summaries = gaussian.summarize_all(results)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    fig = gaussian.plot_curves(
-        results,
-        args.workdir / "gaussian_mse.png",
-        title=f"Gaussian data, pow2 step, lr={lr:g} (paper Fig. 3)",
-    )
+    try:
+        fig = gaussian.plot_curves(
+            results,
+            args.workdir / "gaussian_mse.png",
+            title=f"Gaussian data, pow2 step, lr={lr:g} (paper Fig. 3)",
+        )
+    except ImportError:  # matplotlib is an optional extra ("train"); the numbers still count
+        fig = "no figure (matplotlib not installed; pip install 'mpdnn[train]')"
     wall = time.perf_counter() - start
     argv_list = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", "-m", "mpdnn.train", *argv_list])
     record = {
         "experiment": "gaussian_mse via mpdnn.train (trainer not built yet)",
-        "provenance": gaussian.provenance(command, wall_time_s=wall, seed=gaussian.DEFAULT_SEED),
+        "provenance": provenance(command, wall_time_s=wall, seed=gaussian.DEFAULT_SEED),
         "config": {
             "steps": args.steps,
             "num_samples": gaussian.DEFAULT_NUM_SAMPLES,

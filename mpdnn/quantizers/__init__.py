@@ -10,7 +10,15 @@ Array(4., dtype=float32)
 This package imports nothing but JAX: no Flax, TensorFlow, tfds or orbax.
 """
 
-from mpdnn.quantizers._ste import box, ceil_ste, exp2_int, pow2_ste, round_half_away, round_ste
+from mpdnn.quantizers._ste import (
+    box,
+    ceil_ste,
+    exp2_int,
+    pow2_round,
+    pow2_ste,
+    round_half_away,
+    round_ste,
+)
 from mpdnn.quantizers.api import bitwidth, quantize
 from mpdnn.quantizers.init import init_activation_theta, init_weight_theta
 from mpdnn.quantizers.parametrizations import Pow2Params, UniformParams, canonical
@@ -36,6 +44,7 @@ __all__ = [
     "exp2_int",
     "init_activation_theta",
     "init_weight_theta",
+    "pow2_round",
     "pow2_ste",
     "quantize",
     "round_half_away",

@@ -49,9 +49,9 @@ def quantize(x: jax.typing.ArrayLike, theta: Theta, spec: QuantSpec) -> jax.Arra
     params = canonical(theta, spec, dtype)
     params = params._replace(**{k: _align(v, xc.ndim) for k, v in params._asdict().items()})
     if isinstance(params, Pow2Params):
-        y = pow2.quantize(xc, params.qmin, params.qmax, signed=spec.signed, with_zero=spec.with_zero)
+        y = pow2.quantize(xc, params.qmin, params.qmax, spec.signed, spec.with_zero)
     else:
-        y = uniform.quantize(xc, params.d, params.qmax, signed=spec.signed)
+        y = uniform.quantize(xc, params.d, params.qmax, spec.signed)
     return y.astype(x.dtype)
 
 

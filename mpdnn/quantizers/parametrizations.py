@@ -85,7 +85,9 @@ def _pow2_exponent(theta, spec: QuantSpec, dtype) -> jax.Array:
     """``2**k - 1``: how many octaves separate qmin and qmax, capped (see MAX_POW2_EXPONENT)."""
     k = spec.magnitude_bits(integer_bits(theta, spec, dtype))
     e = exp2_int(k) - 1.0
-    return jnp.where(e < MAX_POW2_EXPONENT, e, lax.stop_gradient(jnp.full_like(e, MAX_POW2_EXPONENT)))
+    return jnp.where(
+        e < MAX_POW2_EXPONENT, e, lax.stop_gradient(jnp.full_like(e, MAX_POW2_EXPONENT))
+    )
 
 
 def canonical(

@@ -1,45 +1,79 @@
 """Power-of-two quantizer in canonical form (qmin, qmax) and its inferred bitwidth.
 
-SPEC §1.2 and §3; paper Eq. (2). Pure ``jax.numpy``; gradients come from autodiff of the
-formulas, with the straight-through snap of :mod:`mpdnn.quantizers._ste`.
+SPEC §1.2 and §3; paper Eq. (2). Pure ``jax.numpy``. Like the uniform quantizer, the
+quantizer is one straight-through primitive with a hand-written, single-pass VJP (reverse mode
+only); see :mod:`mpdnn.quantizers.uniform` for why.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mpdnn.quantizers._ste import at_least, ceil_ste, pow2_ste
+from mpdnn.quantizers._ste import at_least, ceil_ste, pow2_round, sum_to_params
 
 
-def quantize(
-    x: jax.Array, qmin: jax.Array, qmax: jax.Array, *, signed: bool, with_zero: bool
-) -> jax.Array:
-    """``Q(x) = s * (qmin*I1 + 2**round(log2 a)*I2 + qmax*I3)``, ``a = |x|``, ``s = sign(x)``.
-
-    ``I1 = [a < qmin]`` (or ``[qmin/√2 <= a < qmin]`` with zero, smaller magnitudes map to
-    0), ``I2 = [qmin <= a < qmax]``, ``I3 = [a >= qmax]``; unsigned inputs pass a ReLU first.
-    Indicators and sign carry no gradient (``sign(0) = +1``), so ``dQ/dx = P(a)/a`` on I2,
-    ``dQ/dqmin = s`` on I1 and ``dQ/dqmax = s`` on I3. The sum form is the authors'; it
-    matters only when ``qmin > qmax``, where I1 and I3 overlap.
-    """
+def _regions(x, qmin, qmax, signed, with_zero):
+    """Sign, magnitude and the indicators I1, I2, I3 of SPEC §1.2 (ReLU first if unsigned)."""
     if not signed:
-        x = jnp.where(x > 0, x, jnp.zeros_like(x))
-    s = lax.stop_gradient(jnp.where(x < 0, -1.0, 1.0).astype(x.dtype))
+        x = jnp.maximum(x, jnp.zeros_like(x))
+    s = jnp.where(x < 0, -jnp.ones_like(x), jnp.ones_like(x))  # sign(0) = +1
     a = jnp.abs(x)
     below = a < qmin
     if with_zero:
         below = below & (a >= qmin / math.sqrt(2.0))
     inside = (a >= qmin) & (a < qmax)
     above = a >= qmax
-    # Double `where`: log2 is only ever evaluated on a > 0, so neither the value nor the
-    # gradient can see log2(0) = -inf.
-    p = pow2_ste(jnp.where(inside, a, jnp.ones_like(a)))
-    i1, i2, i3 = (lax.stop_gradient(m.astype(x.dtype)) for m in (below, inside, above))
-    return s * (qmin * i1 + p * i2 + qmax * i3)
+    # log2 only ever sees a > 0 (a >= qmin > 0 on I2), so neither value nor gradient can
+    # meet log2(0) = -inf.
+    a_safe = jnp.where(inside, a, jnp.ones_like(a))
+    return s, a_safe, below, inside, above
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def quantize(
+    x: jax.Array, qmin: jax.Array, qmax: jax.Array, signed: bool, with_zero: bool
+) -> jax.Array:
+    """``Q(x) = s * (qmin*I1 + 2**round(log2 a)*I2 + qmax*I3)``, ``a = |x|``, ``s = sign(x)``.
+
+    ``I1 = [a < qmin]`` (with zero: ``[qmin/√2 <= a < qmin]``, smaller magnitudes map to 0),
+    ``I2 = [qmin <= a < qmax]``, ``I3 = [a >= qmax]``; unsigned inputs pass a ReLU first.
+    Indicators and sign carry no gradient (``sign(0) = +1``), so ``dQ/dx = P(a)/a`` on I2
+    (straight-through in the log domain), ``dQ/dqmin = s`` on I1, ``dQ/dqmax = s`` on I3.
+    The sum form is the authors'; it matters only when ``qmin > qmax``, where I1 and I3
+    overlap.
+    """
+    s, a_safe, below, inside, above = _regions(x, qmin, qmax, signed, with_zero)
+    p = pow2_round(a_safe)
+    zero = jnp.zeros_like(x)
+    return s * (
+        jnp.where(below, qmin, zero) + jnp.where(inside, p, zero) + jnp.where(above, qmax, zero)
+    )
+
+
+def _quantize_fwd(x, qmin, qmax, signed, with_zero):
+    return quantize(x, qmin, qmax, signed, with_zero), (x, qmin, qmax)
+
+
+def _quantize_bwd(signed, with_zero, residuals, g):
+    x, qmin, qmax = residuals
+    x = lax.optimization_barrier(x)  # recompute, don't share temporaries (see uniform.py)
+    s, a_safe, below, inside, above = _regions(x, qmin, qmax, signed, with_zero)
+    p = pow2_round(a_safe)
+    grad_x = jnp.where(inside, g * (p / a_safe), jnp.zeros_like(g))
+    gs = g * s
+    zero = jnp.zeros_like(g)
+    grad_qmin, grad_qmax = sum_to_params(
+        (jnp.where(below, gs, zero), jnp.where(above, gs, zero)), (qmin, qmax)
+    )
+    return grad_x, grad_qmin, grad_qmax
+
+
+quantize.defvjp(_quantize_fwd, _quantize_bwd)
 
 
 def bits(qmin: jax.Array, qmax: jax.Array, *, b_min: float) -> jax.Array:

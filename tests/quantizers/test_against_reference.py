@@ -178,7 +178,9 @@ def test_u1_gradient_grows_with_bits():
         for b in (3.0, 5.0, 7.0)
     ]
     # qmax = d (2**(b-1) - 1): dqmax/db = d 2**(b-1) ln 2.
-    np.testing.assert_allclose(grads, [0.125 * 2 ** (b - 1) * math.log(2) for b in (3, 5, 7)], rtol=1e-6)
+    np.testing.assert_allclose(
+        grads, [0.125 * 2 ** (b - 1) * math.log(2) for b in (3, 5, 7)], rtol=1e-6
+    )
 
 
 def test_bitwidth_gradients_closed_form():

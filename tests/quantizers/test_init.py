@@ -18,9 +18,7 @@ def _close(theta, **expected):
 def test_activation_init_is_1_875_at_4_bits():
     # d0 = 2^-3, qmax0 = d0 (2^4 - 1) = 1.875
     _close(mq.init_activation_theta(mq.activation_spec("uniform"), 4), d=0.125, qmax=1.875)
-    _close(
-        mq.init_activation_theta(mq.activation_spec("uniform", "b_d"), 4), b=4.0, d=0.125
-    )
+    _close(mq.init_activation_theta(mq.activation_spec("uniform", "b_d"), 4), b=4.0, d=0.125)
 
 
 def test_weight_random_init():

@@ -50,9 +50,7 @@ def _theta(spec, b, d, qmax, qmin):
     return {k: jnp.float32(values[k]) for k in spec.theta_names}
 
 
-@given(
-    key=st.sampled_from(sorted(UNIFORM)), b=raw_b, d=raw_d, qmax=raw_qmax, xs=inputs
-)
+@given(key=st.sampled_from(sorted(UNIFORM)), b=raw_b, d=raw_d, qmax=raw_qmax, xs=inputs)
 def test_uniform_outputs_on_grid_idempotent_and_within_levels(key, b, d, qmax, xs):
     spec = UNIFORM[key]
     theta = _theta(spec, b, d, qmax, 0.0)
@@ -72,9 +70,7 @@ def test_uniform_outputs_on_grid_idempotent_and_within_levels(key, b, d, qmax, x
         assert levels <= 2 ** float(BITS(theta, spec))
 
 
-@given(
-    key=st.sampled_from(sorted(POW2)), b=raw_b, qmin=raw_qmin, qmax=raw_qmax, xs=inputs
-)
+@given(key=st.sampled_from(sorted(POW2)), b=raw_b, qmin=raw_qmin, qmax=raw_qmax, xs=inputs)
 def test_pow2_outputs_are_powers_of_two_idempotent_and_within_levels(key, b, qmin, qmax, xs):
     spec = POW2[key]
     theta = _theta(spec, b, 0.0, qmax, qmin)
@@ -126,7 +122,6 @@ def test_ties_round_half_away_from_zero(k, signed):
     """x = (k + 1/2) d lies exactly between two grid points: it goes to the one away from 0."""
     if not signed:
         k = abs(k)
-    spec = mq.QuantSpec(family="uniform", parametrization="d_qmax", signed=signed)
     d = 0.25
     theta = {"d": jnp.float32(d), "qmax": jnp.float32(100.0)}
     x = (k + 0.5) * d if k >= 0 else (k - 0.5) * d

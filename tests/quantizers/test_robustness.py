@@ -114,12 +114,18 @@ def test_spec_is_static_argument_and_leafless_pytree():
     assert hash(spec) == hash(mq.QuantSpec(b_range=(2.0, 8.0)))
 
 
-def test_forward_mode_matches_reverse_mode():
+def test_reverse_mode_only_and_bitwidth_forward_mode():
+    """The quantizers are custom_vjp rules (single-pass backward): forward mode is refused
+    loudly rather than silently wrong; bitwidth, a smooth-STE function, supports both."""
+    x = jax.random.normal(jax.random.key(3), (50,))
+    for spec in (mq.QuantSpec(), mq.QuantSpec(family="pow2", parametrization="b_qmin")):
+        theta = mq.init_weight_theta(spec, 4)
+        with pytest.raises(TypeError, match="forward-mode"):
+            jax.jvp(lambda x, t=theta, s=spec: mq.quantize(x, t, s), (x,), (jnp.ones_like(x),))
     spec = mq.QuantSpec(family="pow2", parametrization="b_qmin")
     theta = {"b": jnp.float32(4.2), "qmin": jnp.float32(0.01)}
-    x = jax.random.normal(jax.random.key(3), (50,))
-    fwd = jax.jacfwd(lambda t: mq.quantize(x, t, spec).sum())(theta)
-    rev = jax.grad(lambda t: mq.quantize(x, t, spec).sum())(theta)
+    fwd = jax.jacfwd(lambda t: mq.bitwidth(t, spec))(theta)
+    rev = jax.grad(lambda t: mq.bitwidth(t, spec))(theta)
     for k in theta:
         np.testing.assert_allclose(fwd[k], rev[k], rtol=1e-6)
 
@@ -146,7 +152,10 @@ def test_spec_defaults_are_spec_section_10():
         (dict(qmax_range=(0.0, 1.0)), "positive"),
         (dict(b_range=(2, 40)), "b_range"),
         (dict(parametrization="b_d", b_range=(1, 8)), "needs at least 2 bits"),
-        (dict(family="pow2", parametrization="b_qmax", with_zero=True, b_range=(1, 8)), "at least 2"),
+        (
+            dict(family="pow2", parametrization="b_qmax", with_zero=True, b_range=(1, 8)),
+            "at least 2",
+        ),
     ],
 )
 def test_bad_spec_is_a_clear_error(kwargs, match):
@@ -163,3 +172,36 @@ def test_importing_quantizers_loads_no_flax_tensorflow_tfds_or_orbax():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("family", ["uniform", "pow2"])
+def test_per_channel_theta_gradients_equal_per_column_gradients(family):
+    spec = mq.weight_spec(family)
+    x = jax.random.normal(jax.random.key(4), (64, 3))
+    w = jax.random.normal(jax.random.key(5), (64, 3))
+    if family == "uniform":
+        theta = {"d": jnp.array([0.1, 0.2, 0.4]), "qmax": jnp.array([0.5, 1.1, 2.0])}
+    else:
+        theta = {"qmin": jnp.array([0.01, 0.05, 0.1]), "qmax": jnp.array([0.5, 1.1, 2.0])}
+    g = jax.grad(lambda t: jnp.sum(w * mq.quantize(x, t, spec)))(theta)
+    for c in range(3):
+        tc = {k: v[c] for k, v in theta.items()}
+        gc = jax.grad(lambda t, c=c: jnp.sum(w[:, c] * mq.quantize(x[:, c], t, spec)))(tc)
+        for k in theta:
+            np.testing.assert_allclose(g[k][c], gc[k], rtol=1e-5, atol=1e-6)
+
+
+def test_pow2_round_matches_log_domain_rounding_and_is_exact_at_the_sqrt2_boundary():
+    rng = np.random.default_rng(0)
+    v = np.concatenate([np.exp(rng.uniform(-80, 80, 200_000)), 2.0 ** np.arange(-120, 120)]).astype(
+        np.float32
+    )
+    got = np.asarray(mq.pow2_round(jnp.asarray(v)), np.float64)
+    lg = np.log2(v.astype(np.float64))
+    away_from_mid = np.abs(lg - np.floor(lg) - 0.5) > 1e-6
+    np.testing.assert_array_equal(got[away_from_mid], 2.0 ** np.round(lg[away_from_mid]))
+    # float32(√2) = 1.41421354 < √2 rounds down; the next float up, 1.41421366 > √2, rounds up.
+    below = np.float32(np.sqrt(2.0))
+    above = np.nextafter(below, np.float32(2))
+    assert float(below) < np.sqrt(2.0) < float(above)
+    np.testing.assert_array_equal(mq.pow2_round(jnp.array([below, above]) * 8), [8.0, 16.0])
