@@ -38,7 +38,10 @@ def provenance(command: str, *, wall_time_s: float | None = None, seed: int | No
         # Porcelain lines are "XY path"; X may be a space, so never strip the line's start.
         uncommitted = [line[3:] for line in status.splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError):
-        commit, uncommitted = "unknown (git unavailable)", []
+        # A copy of the tree without .git (e.g. on a lent accelerator): the launcher may say
+        # which commit it copied.
+        commit = os.environ.get("MPDNN_GIT_COMMIT", "unknown (git unavailable)")
+        uncommitted = []
     record = {
         "command": command,
         "git_commit": commit,

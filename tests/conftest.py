@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import jax
@@ -20,40 +19,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("mpdnn")
-
-
-def all_spec_kwargs():
-    """Every family × parametrization × signedness × with_zero (pow2) × pow2_step."""
-    import mpdnn.quantizers as mq
-
-    out = []
-    for family, pars in mq.PARAMETRIZATIONS.items():
-        zeros = (False, True) if family == "pow2" else (False,)
-        for par, signed, with_zero, p2 in itertools.product(
-            pars, (True, False), zeros, (True, False)
-        ):
-            out.append(
-                dict(
-                    family=family,
-                    parametrization=par,
-                    signed=signed,
-                    with_zero=with_zero,
-                    pow2_step=p2,
-                )
-            )
-    return out
-
-
-def spec_id(kw) -> str:
-    return "-".join(
-        [
-            kw["family"],
-            kw["parametrization"],
-            "s" if kw["signed"] else "u",
-            *(["z"] if kw.get("with_zero") else []),
-            "p2" if kw["pow2_step"] else "free",
-        ]
-    )
 
 
 @pytest.fixture(params=[False, True], ids=["eager", "jit"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import mpdnn.quantizers as mq
-from tests.conftest import all_spec_kwargs, spec_id
+from tests.quantizers.cases import all_spec_kwargs, spec_id
 
 SPECS = all_spec_kwargs()
 
