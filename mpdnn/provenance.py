@@ -49,6 +49,7 @@ def provenance(command: str, *, wall_time_s: float | None = None, seed: int | No
         "machine": f"{platform.platform()}; {platform.processor() or platform.machine()}",
         "cpus": os.cpu_count(),
         "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "jax_version": jax.__version__,
     }
