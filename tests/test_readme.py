@@ -1,0 +1,27 @@
+"""The README's example runs as written and says what its comments say."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs_and_its_comments_hold():
+    text = README.read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, str(README), "exec"), scope)
+    assert float(scope["theta"]["d"]) == 2**-5 and float(scope["theta"]["qmax"]) == 7 / 32
+    assert scope["w_q"].shape == scope["w"].shape and scope["w_q"].dtype == scope["w"].dtype
+    assert float(scope["mq"].bitwidth(scope["theta"], scope["spec"])) == 4.0
+    assert set(scope["grads"]) == {"d", "qmax"}
+
+
+def test_readme_quick_start_is_the_two_commands_ci_runs():
+    text = README.read_text()
+    assert 'pip install -e ".[dev]" && python -m mpdnn.train' in text
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert 'pip install --quiet -e ".[dev]"' in ci and "python -m mpdnn.train" in ci
+    assert ci.rstrip().endswith("pytest")
