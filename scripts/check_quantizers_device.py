@@ -1,7 +1,8 @@
 """Check ``mq.quantize`` against the float64 reference on whatever device JAX runs on.
 
 The pytest suite runs on CPU. This script runs the same comparison (values, dQ/dx, dQ/dθ for
-every family × parametrization × signedness × with_zero × pow2_step; SPEC §1–2) on the default
+every family × parametrization × signedness × with_zero × pow2_step; SPEC §1–2), and of
+``mq.bitwidth`` including every power-of-two boundary (SPEC §3), on the default
 JAX device, e.g. a GPU, where XLA's kernels (rounding, log2, reductions) differ, and needs
 only JAX and NumPy. It ends with a line ``N passed, M failed`` and exits non-zero on failure.
 
@@ -23,7 +24,12 @@ import numpy as np
 
 import mpdnn.quantizers as mq
 from mpdnn.provenance import provenance
-from tests.quantizers.cases import all_spec_kwargs, check_against_reference, spec_id
+from tests.quantizers.cases import (
+    all_spec_kwargs,
+    check_against_reference,
+    check_bitwidths,
+    spec_id,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         except AssertionError as err:
             failures[name] = " | ".join(str(err).strip().splitlines()[:6])
             print(f"FAIL {name}: {failures[name]}", flush=True)
+    bit_errors = check_bitwidths(np.random.default_rng(7))
+    if bit_errors:
+        failures["bitwidth"] = " | ".join(bit_errors[:6])
+        print(f"FAIL bitwidth: {len(bit_errors)} mismatches: {failures['bitwidth']}", flush=True)
+    cases = [*cases, "bitwidth"]
     passed = len(cases) - len(failures)
     if args.json is not None:
         command = shlex.join(["python", *(sys.argv if argv is None else [__file__, *argv])])

@@ -12,8 +12,10 @@ This package imports nothing but JAX: no Flax, TensorFlow, tfds or orbax.
 
 from mpdnn.quantizers._ste import (
     box,
+    ceil_log2_ste,
     ceil_ste,
     exp2_int,
+    log2_exact,
     pow2_round,
     pow2_ste,
     round_half_away,
@@ -40,10 +42,12 @@ __all__ = [
     "bitwidth",
     "box",
     "canonical",
+    "ceil_log2_ste",
     "ceil_ste",
     "exp2_int",
     "init_activation_theta",
     "init_weight_theta",
+    "log2_exact",
     "pow2_round",
     "pow2_ste",
     "quantize",

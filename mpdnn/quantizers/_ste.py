@@ -1,8 +1,10 @@
-"""Straight-through primitives: the only place where gradients are defined by hand.
+"""Straight-through primitives shared by the quantizer families.
 
-Every rounding in mpdnn (to the grid, to an integer bitwidth, to a power of two) goes through
-one of these. They are ``jax.custom_jvp`` rules, so they work under ``jit``, ``vmap``,
-``grad`` and forward-mode autodiff alike.
+Every rounding of a quantizer *parameter* (to an integer bitwidth, to a power of two, the
+ceil of a bit count) goes through one of these ``jax.custom_jvp`` rules, so they work under
+``jit``, ``vmap``, ``grad`` and forward-mode autodiff. The quantizers themselves
+(``uniform.quantize``, ``pow2.quantize``) are ``custom_vjp`` rules in their family modules,
+for speed; they use the exact rounding helpers defined here.
 """
 
 from __future__ import annotations
@@ -44,6 +46,43 @@ def ceil_ste(v: jax.Array) -> jax.Array:
 def _ceil_ste_jvp(primals, tangents):
     (v,), (t,) = primals, tangents
     return ceil_ste(v), t
+
+
+def _ceil_log2_exact(v: jax.Array) -> jax.Array:
+    """``ceil(log2 v)`` for positive ``v``, exactly: ``v = f 2**e``, ``f`` in [1/2, 1)."""
+    f, e = jnp.frexp(v)
+    return (e - (f == 0.5).astype(e.dtype)).astype(v.dtype)
+
+
+@jax.custom_jvp
+def ceil_log2_ste(v: jax.Array) -> jax.Array:
+    """``ceil(log2 v)`` for ``v > 0``, exact in value, with the gradient of ``log2``.
+
+    A bit count must not depend on a float ``log2`` landing a hair above an integer: with
+    ``log2(8) = 3.0000002``, ``ceil`` would give a 4-bit quantizer 5 bits. The value comes
+    from the binary exponent (exact); the gradient is the straight-through ``1/(v ln 2)``
+    that the paper's ``ceil(log2(.))`` gets with a straight-through ceil (SPEC §3).
+    """
+    return _ceil_log2_exact(v)
+
+
+@ceil_log2_ste.defjvp
+def _ceil_log2_ste_jvp(primals, tangents):
+    (v,), (t,) = primals, tangents
+    return ceil_log2_ste(v), t / (v * jnp.log(jnp.asarray(2.0, v.dtype)))
+
+
+@jax.custom_jvp
+def log2_exact(v: jax.Array) -> jax.Array:
+    """``log2 v`` for ``v > 0``, exact where ``v`` is a power of two (the usual gradient)."""
+    f, e = jnp.frexp(v)
+    return jnp.where(f == 0.5, (e - 1).astype(v.dtype), jnp.log2(v))
+
+
+@log2_exact.defjvp
+def _log2_exact_jvp(primals, tangents):
+    (v,), (t,) = primals, tangents
+    return log2_exact(v), t / (v * jnp.log(jnp.asarray(2.0, v.dtype)))
 
 
 def exact_pow2(e: jax.Array, dtype) -> jax.Array:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mpdnn.quantizers._ste import at_least, ceil_ste, pow2_round, sum_to_params
+from mpdnn.quantizers._ste import at_least, ceil_log2_ste, log2_exact, pow2_round, sum_to_params
 
 
 def _regions(x, qmin, qmax, signed, with_zero):
@@ -82,8 +82,9 @@ def bits(qmin: jax.Array, qmax: jax.Array, *, b_min: float) -> jax.Array:
     ``log2(qmax/qmin) + 1`` is the number of magnitudes; the ``+1`` is the sign bit
     (weights) or the zero code (activations). Where ``qmax <= qmin`` there is one magnitude
     (the authors' formula would take the log of a non-positive number there; its result is
-    ``b_min`` wherever it is defined, and so is ours).
+    ``b_min`` wherever it is defined, and so is ours). Both logs are exact on powers of two,
+    so a snapped quantizer never gains a phantom bit from float error.
     """
-    levels = jnp.log2(qmax / qmin) + 1.0
+    levels = log2_exact(qmax / qmin) + 1.0
     safe = jnp.where(levels > 1.0, levels, lax.stop_gradient(jnp.ones_like(levels)))
-    return at_least(ceil_ste(jnp.log2(safe) + 1.0), b_min)
+    return at_least(ceil_log2_ste(safe) + 1.0, b_min)

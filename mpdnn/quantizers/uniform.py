@@ -18,7 +18,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mpdnn.quantizers._ste import at_least, ceil_ste, round_half_away, round_ste, sum_to_params
+from mpdnn.quantizers._ste import (
+    at_least,
+    ceil_log2_ste,
+    round_half_away,
+    round_ste,
+    sum_to_params,
+)
 
 
 def _bounds(qmax: jax.Array, signed: bool) -> jax.Array:
@@ -72,12 +78,12 @@ quantize.defvjp(_quantize_fwd, _quantize_bwd)
 def bits(d: jax.Array, qmax: jax.Array, *, signed: bool, b_min: float) -> jax.Array:
     """Inferred bitwidth (SPEC §3): ``max(ceil(log2(q/d + 1) + signed), b_min)``.
 
-    ``q = round(qmax/d) * d`` is qmax snapped to the grid, so the count matches the levels the
-    quantizer can really output. The ``+1`` (signed) is the sign bit. Ceil and round are
-    straight-through, so the result is differentiable w.r.t. ``d`` and ``qmax``.
+    ``q = round(qmax/d) * d`` is qmax snapped to the grid, so ``q/d = round(qmax/d)`` counts
+    the positive levels the quantizer really outputs; the ``+1`` (signed) is the sign bit.
+    Round and ceil are straight-through, so the result is differentiable w.r.t. ``d`` and
+    ``qmax``; the ceil of the log is computed exactly (:func:`ceil_log2_ste`).
     """
-    q = round_ste(qmax / d) * d
-    b = jnp.log2(q / d + 1.0)
+    b = ceil_log2_ste(round_ste(qmax / d) + 1.0)
     if signed:
         b = b + 1.0
-    return at_least(ceil_ste(b), b_min)
+    return at_least(b, b_min)

@@ -137,3 +137,47 @@ def check_against_reference(
             np.testing.assert_allclose(
                 float(gt[k]), gt_ref[k], rtol=1e-5, atol=atol, err_msg=f"d/d{k}, θ={theta}"
             )
+
+
+def bitwidth_boundary_cases(bits: int) -> list[tuple[mq.QuantSpec, dict, int]]:
+    """(spec, θ, expected bits) exactly at and one level past a ``bits``-bit grid (SPEC §3).
+
+    Counted by hand: a signed uniform grid with 2^(b-1) - 1 positive levels needs b bits and
+    one more level needs b + 1; unsigned, 2^b - 1 levels above zero; signed pow2 without zero,
+    2^(b-1) magnitudes spanning 2^(2^(b-1) - 1) from qmin to qmax.
+    """
+    d = 2.0**-6
+    uni_s = mq.QuantSpec(qmax_range=(2**-8, 2.0**20))
+    uni_u = mq.QuantSpec(signed=False, qmax_range=(2**-8, 2.0**20))
+    p3 = mq.QuantSpec(family="pow2", parametrization="qmin_qmax", qmax_range=(2**-8, 2.0**120))
+    cases = [
+        (uni_s, {"d": d, "qmax": d * (2 ** (bits - 1) - 1)}, bits),
+        (uni_s, {"d": d, "qmax": d * 2 ** (bits - 1)}, bits + 1),
+        (uni_u, {"d": d, "qmax": d * (2**bits - 1)}, bits),
+        (uni_u, {"d": d, "qmax": d * 2**bits}, bits + 1),
+    ]
+    if bits <= 7:  # the pow2 span 2^(2^(b-1)) must stay inside float32
+        qmin = 2.0**-8  # inside the qmin box, and every qmax below stays inside its box
+        cases += [
+            (p3, {"qmin": qmin, "qmax": qmin * 2.0 ** (2 ** (bits - 1) - 1)}, bits),
+            (p3, {"qmin": qmin, "qmax": qmin * 2.0 ** (2 ** (bits - 1))}, bits + 1),
+        ]
+    return cases
+
+
+def check_bitwidths(rng: np.random.Generator, wrap: Callable = jax.jit) -> list[str]:
+    """``mq.bitwidth`` against ``reference.bits`` for every spec, and at every boundary."""
+    errors = []
+    for kw in all_spec_kwargs():
+        spec = mq.QuantSpec(**kw)
+        bw = wrap(lambda theta, spec=spec: mq.bitwidth(theta, spec))
+        for theta in theta_cases(spec, 12, rng):
+            got = float(bw({k: jnp.float32(v) for k, v in theta.items()}))
+            if got != ref.bits(theta, spec):
+                errors.append(f"{spec_id(kw)} θ={theta}: {got} != {ref.bits(theta, spec)}")
+    for bits in range(2, 17):
+        for spec, theta, expected in bitwidth_boundary_cases(bits):
+            got = float(wrap(lambda t, spec=spec: mq.bitwidth(t, spec))(theta))
+            if got != expected:
+                errors.append(f"boundary {spec.describe()} θ={theta}: {got} != {expected}")
+    return errors

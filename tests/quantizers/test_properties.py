@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 
 import mpdnn.quantizers as mq
+from tests.quantizers.cases import bitwidth_boundary_cases
 
 # One jitted function per spec, built once: hypothesis then only varies runtime values.
 _N = 257
@@ -147,3 +148,12 @@ def test_pow2_b_based_have_exactly_2_pow_b_levels(par):
     for b in (2, 3, 4):
         theta = {"b": jnp.float32(b), "qmax": jnp.float32(1.0), "qmin": jnp.float32(2**-6)}
         assert np.unique(np.asarray(mq.quantize(x, theta, spec))).size == 2**b
+
+
+@pytest.mark.parametrize("bits", range(2, 17))
+def test_bitwidth_is_exact_at_every_power_of_two_boundary(bits):
+    """A b-bit grid reports b bits, one more level reports b + 1 (no float log2 slop)."""
+    for spec, theta, expected in bitwidth_boundary_cases(bits):
+        theta = {k: jnp.float32(v) for k, v in theta.items()}
+        assert float(BITS(theta, spec)) == expected, (spec.describe(), theta)
+        assert float(mq.bitwidth(theta, spec)) == expected
