@@ -1,0 +1,24 @@
+"""The paper's networks, built float and quantizable by rules (:mod:`mpdnn.nn.rules`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flax import nnx
+
+from mpdnn.models.resnet_cifar import ResNetCifar, resnet20
+
+#: name → constructor ``(num_classes, *, rngs, **kwargs) -> nnx.Module``.
+MODELS: dict[str, Callable[..., nnx.Module]] = {"resnet20": resnet20}
+
+
+def build(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
+    """Build a float model by name (``resnet20``, ``resnet18``, ``mobilenet_v2``)."""
+    try:
+        make = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}") from None
+    return make(rngs=rngs, **kwargs)
+
+
+__all__ = ["MODELS", "ResNetCifar", "build", "resnet20"]

@@ -1,0 +1,33 @@
+"""Flax NNX layers that own quantizer parameters and call :mod:`mpdnn.quantizers`."""
+
+from mpdnn.nn.layers import (
+    ActQuant,
+    QConv,
+    QLinear,
+    QuantizedWeights,
+    identity,
+    record_activation_shapes,
+    relu,
+    relu6,
+)
+from mpdnn.nn.quantizer import FLOAT, QuantConfig, Quantizer, QuantParam, QuantState
+from mpdnn.nn.rules import Rule, quantizable_sites, quantize_model
+
+__all__ = [
+    "FLOAT",
+    "ActQuant",
+    "QConv",
+    "QLinear",
+    "QuantConfig",
+    "QuantParam",
+    "QuantState",
+    "QuantizedWeights",
+    "Quantizer",
+    "Rule",
+    "identity",
+    "quantizable_sites",
+    "quantize_model",
+    "record_activation_shapes",
+    "relu",
+    "relu6",
+]

@@ -1,0 +1,192 @@
+"""Quantizable convolution, linear and activation layers (Flax NNX).
+
+Every layer is built float: its quantizers are :data:`~mpdnn.nn.quantizer.FLOAT` until
+:func:`mpdnn.nn.rules.quantize_model` gives them a config by path. So a float model and its
+quantized twin share one definition, and no model code changes to quantize it.
+
+Layouts follow Flax: NHWC activations, HWIO kernels, ``(in, out)`` linear kernels.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from mpdnn.nn.quantizer import FLOAT, QuantConfig, Quantizer
+
+_he_normal = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+_lecun_normal = nnx.initializers.lecun_normal()
+# Set only while record_activation_shapes traces a model: activation sites report their
+# per-sample shapes here (a Python-time check, free inside jitted code).
+_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("mpdnn_act", default=None)
+
+
+class QuantizedWeights(nnx.Module):
+    """Base of the layers whose kernel (and bias) are quantized and counted as weights."""
+
+    kernel: nnx.Param
+    bias: nnx.Param | None
+    kernel_quant: Quantizer
+    bias_quant: Quantizer | None
+
+    def set_quantizer(self, config: QuantConfig) -> None:
+        """Quantize kernel and bias with ``config``; the bias quantizer is initialised like
+        its layer's kernel (SPEC §4)."""
+        kernel = self.kernel.value
+        self.kernel_quant = Quantizer(config, kind="weight", init_from=kernel)
+        if self.bias is not None:
+            self.bias_quant = Quantizer(config, kind="weight", init_from=kernel)
+
+    def quantized_kernel(self) -> jax.Array:
+        return self.kernel_quant(self.kernel.value)
+
+    def quantized_bias(self) -> jax.Array | None:
+        if self.bias is None:
+            return None
+        return self.bias_quant(self.bias.value)
+
+    def weight_tensors(self) -> list[tuple[str, int, Quantizer]]:
+        """``(name, numel, quantizer)`` of every tensor counted in the weight memory."""
+        out = [("kernel", math.prod(self.kernel.value.shape), self.kernel_quant)]
+        if self.bias is not None:
+            out.append(("bias", math.prod(self.bias.value.shape), self.bias_quant))
+        return out
+
+
+class QConv(QuantizedWeights):
+    """2-D convolution with quantized kernel (and bias); NHWC, kernel HWIO."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        *,
+        strides: int = 1,
+        padding: str | int = "SAME",
+        groups: int = 1,
+        use_bias: bool = False,
+        rngs: nnx.Rngs,
+        kernel_init: Callable = _he_normal,
+    ):
+        ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        if in_features % groups or out_features % groups:
+            raise ValueError(f"groups={groups} must divide {in_features} and {out_features}")
+        shape = (*ks, in_features // groups, out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+        self.kernel_quant = Quantizer(FLOAT, kind="weight")
+        self.bias_quant = Quantizer(FLOAT, kind="weight") if use_bias else None
+        self.strides = (strides, strides)
+        self.padding = ((padding, padding),) * 2 if isinstance(padding, int) else padding
+        self.groups = groups
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.quantized_kernel().astype(x.dtype)
+        y = lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=self.strides,
+            padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups,
+        )
+        bias = self.quantized_bias()
+        return y if bias is None else y + bias.astype(y.dtype)
+
+
+class QLinear(QuantizedWeights):
+    """Dense layer with quantized kernel and bias; kernel ``(in, out)``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        rngs: nnx.Rngs,
+        kernel_init: Callable | None = None,
+    ):
+        kernel_init = kernel_init or _lecun_normal
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features)))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+        self.kernel_quant = Quantizer(FLOAT, kind="weight")
+        self.bias_quant = Quantizer(FLOAT, kind="weight") if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.quantized_kernel().astype(x.dtype)
+        bias = self.quantized_bias()
+        return y if bias is None else y + bias.astype(y.dtype)
+
+
+def relu(x: jax.Array) -> jax.Array:
+    return jnp.maximum(x, 0)
+
+
+def relu6(x: jax.Array) -> jax.Array:
+    return jnp.clip(x, 0, 6)
+
+
+def identity(x: jax.Array) -> jax.Array:
+    return x
+
+
+class ActQuant(nnx.Module):
+    """An activation quantizer site: replaces the float activation when quantized.
+
+    Unsigned sites replace a ReLU/ReLU6 (the clip to ``[0, qmax]`` is a clipped ReLU,
+    SPEC §1.1); signed sites quantize tensors without a ReLU that feed a conv (SPEC §7).
+    Float, the site applies ``float_fn`` (the activation it stands for). The per-sample shape
+    is recorded by the model (:func:`record_activation_shapes`) for the memory accounting.
+    """
+
+    def __init__(self, *, signed: bool = False, float_fn: Callable = relu):
+        self.signed = signed
+        self.float_fn = float_fn
+        self.quant = Quantizer(FLOAT, kind="activation", signed=signed)
+        self.shape: tuple[int, ...] | None = None  # per sample; see record_activation_shapes
+        self.site_index = -1
+
+    def set_quantizer(self, config: QuantConfig) -> None:
+        self.quant = Quantizer(config, kind="activation", signed=self.signed)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        recorder = _RECORDER.get()
+        if recorder is not None:
+            recorder.append((self.site_index, tuple(int(n) for n in x.shape[1:])))
+        if not self.quant.config.quantized:
+            return self.float_fn(x)
+        return self.quant(x)
+
+
+def record_activation_shapes(model: nnx.Module, input_shape: Sequence[int]) -> None:
+    """Trace ``model`` once on an abstract 1-sample input (``jax.eval_shape``: no FLOPs) and
+    store each :class:`ActQuant`'s per-sample shape on it, for the memory accounting."""
+    sites = [m for _, m in nnx.iter_modules(model) if isinstance(m, ActQuant)]
+    for i, m in enumerate(sites):
+        m.site_index = i  # static: survives split/merge, identifies the site in the trace
+    graphdef, state = nnx.split(model)
+    seen: list[tuple[int, tuple[int, ...]]] = []
+
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    token = _RECORDER.set(seen)
+    try:
+        jax.eval_shape(forward, state, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    finally:
+        _RECORDER.reset(token)
+    called = sorted(i for i, _ in seen)
+    if called != list(range(len(sites))):
+        raise ValueError(
+            f"{len(sites)} activation sites, but one forward pass called {called}: every "
+            "ActQuant must run exactly once per call to be counted in the activation memory"
+        )
+    for i, shape in seen:
+        sites[i].shape = shape
