@@ -27,8 +27,17 @@ _lecun_normal = nnx.initializers.lecun_normal()
 _RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("mpdnn_act", default=None)
 
 
+def _note_call(site: nnx.Module, x: jax.Array) -> None:
+    """While :func:`record_activation_shapes` traces, report this site's call and input."""
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        recorder.append((site.site_index, tuple(int(n) for n in x.shape[1:])))
+
+
 class QuantizedWeights(nnx.Module):
     """Base of the layers whose kernel (and bias) are quantized and counted as weights."""
+
+    site_index: int = -1  # forward-call order, set by record_activation_shapes
 
     kernel: nnx.Param
     bias: nnx.Param | None
@@ -38,24 +47,24 @@ class QuantizedWeights(nnx.Module):
     def set_quantizer(self, config: QuantConfig) -> None:
         """Quantize kernel and bias with ``config``; the bias quantizer is initialised like
         its layer's kernel (SPEC §4)."""
-        kernel = self.kernel.value
+        kernel = self.kernel[...]
         self.kernel_quant = Quantizer(config, kind="weight", init_from=kernel)
         if self.bias is not None:
             self.bias_quant = Quantizer(config, kind="weight", init_from=kernel)
 
     def quantized_kernel(self) -> jax.Array:
-        return self.kernel_quant(self.kernel.value)
+        return self.kernel_quant(self.kernel[...])
 
     def quantized_bias(self) -> jax.Array | None:
         if self.bias is None:
             return None
-        return self.bias_quant(self.bias.value)
+        return self.bias_quant(self.bias[...])
 
     def weight_tensors(self) -> list[tuple[str, int, Quantizer]]:
         """``(name, numel, quantizer)`` of every tensor counted in the weight memory."""
-        out = [("kernel", math.prod(self.kernel.value.shape), self.kernel_quant)]
+        out = [("kernel", math.prod(self.kernel[...].shape), self.kernel_quant)]
         if self.bias is not None:
-            out.append(("bias", math.prod(self.bias.value.shape), self.bias_quant))
+            out.append(("bias", math.prod(self.bias[...].shape), self.bias_quant))
         return out
 
 
@@ -88,6 +97,7 @@ class QConv(QuantizedWeights):
         self.groups = groups
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        _note_call(self, x)
         kernel = self.quantized_kernel().astype(x.dtype)
         y = lax.conv_general_dilated(
             x,
@@ -97,8 +107,7 @@ class QConv(QuantizedWeights):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=self.groups,
         )
-        bias = self.quantized_bias()
-        return y if bias is None else y + bias.astype(y.dtype)
+        return _add_bias(y, self.quantized_bias())
 
 
 class QLinear(QuantizedWeights):
@@ -120,9 +129,15 @@ class QLinear(QuantizedWeights):
         self.bias_quant = Quantizer(FLOAT, kind="weight") if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.quantized_kernel().astype(x.dtype)
-        bias = self.quantized_bias()
-        return y if bias is None else y + bias.astype(y.dtype)
+        _note_call(self, x)
+        return _add_bias(x @ self.quantized_kernel().astype(x.dtype), self.quantized_bias())
+
+
+def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """``y + bias`` over the last axis, broadcast explicitly (no implicit rank promotion)."""
+    if bias is None:
+        return y
+    return y + bias.astype(y.dtype).reshape((1,) * (y.ndim - 1) + bias.shape)
 
 
 def relu(x: jax.Array) -> jax.Array:
@@ -157,18 +172,20 @@ class ActQuant(nnx.Module):
         self.quant = Quantizer(config, kind="activation", signed=self.signed)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        recorder = _RECORDER.get()
-        if recorder is not None:
-            recorder.append((self.site_index, tuple(int(n) for n in x.shape[1:])))
+        _note_call(self, x)
         if not self.quant.config.quantized:
             return self.float_fn(x)
         return self.quant(x)
 
 
 def record_activation_shapes(model: nnx.Module, input_shape: Sequence[int]) -> None:
-    """Trace ``model`` once on an abstract 1-sample input (``jax.eval_shape``: no FLOPs) and
-    store each :class:`ActQuant`'s per-sample shape on it, for the memory accounting."""
-    sites = [m for _, m in nnx.iter_modules(model) if isinstance(m, ActQuant)]
+    """Trace ``model`` once on an abstract 1-sample input (``jax.eval_shape``: no FLOPs).
+
+    Stores on every :class:`ActQuant` its per-sample shape (for the memory accounting) and on
+    every quantizable site its position in the forward pass (``site_index``), so reports and
+    plots list layers in network order. Each site must run exactly once per forward pass.
+    """
+    sites = [m for _, m in nnx.iter_modules(model) if isinstance(m, ActQuant | QuantizedWeights)]
     for i, m in enumerate(sites):
         m.site_index = i  # static: survives split/merge, identifies the site in the trace
     graphdef, state = nnx.split(model)
@@ -185,8 +202,10 @@ def record_activation_shapes(model: nnx.Module, input_shape: Sequence[int]) -> N
     called = sorted(i for i, _ in seen)
     if called != list(range(len(sites))):
         raise ValueError(
-            f"{len(sites)} activation sites, but one forward pass called {called}: every "
-            "ActQuant must run exactly once per call to be counted in the activation memory"
+            f"{len(sites)} quantizable sites, but one forward pass called {called}: every "
+            "site must run exactly once per call to be counted"
         )
-    for i, shape in seen:
-        sites[i].shape = shape
+    for order, (i, shape) in enumerate(seen):
+        sites[i].site_index = order
+        if isinstance(sites[i], ActQuant):
+            sites[i].shape = shape

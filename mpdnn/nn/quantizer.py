@@ -142,7 +142,7 @@ class Quantizer(nnx.Module):
         spec = self.spec
         if spec is None:
             return {}
-        return {name: getattr(self, name).value for name in spec.theta_names}
+        return {name: getattr(self, name)[...] for name in spec.theta_names}
 
     def __call__(self, x: jax.Array) -> jax.Array:
         spec = self.spec

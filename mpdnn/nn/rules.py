@@ -53,14 +53,15 @@ def path_str(path: Sequence) -> str:
 
 
 def quantizable_sites(model: nnx.Module) -> list[tuple[str, str, nnx.Module]]:
-    """``(path, kind, module)`` of every weight layer and activation site, in graph order."""
+    """``(path, kind, module)`` of every weight layer and activation site, in forward order
+    once :func:`~mpdnn.nn.layers.record_activation_shapes` has traced the model."""
     out = []
     for path, m in nnx.iter_modules(model):
         if isinstance(m, QuantizedWeights):
             out.append((path_str(path), "weight", m))
         elif isinstance(m, ActQuant):
             out.append((path_str(path), "activation", m))
-    return out
+    return sorted(out, key=lambda site: site[2].site_index)
 
 
 def quantize_model(model: nnx.Module, rules: Sequence[Rule]) -> dict[str, QuantConfig | None]:

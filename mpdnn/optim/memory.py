@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mpdnn.nn.layers import ActQuant, QuantizedWeights
-from mpdnn.nn.rules import path_str
+from mpdnn.nn.rules import quantizable_sites
 
 KB = 8.0 * 1024.0  # bits per kilobyte
 
@@ -66,16 +66,16 @@ class MemoryReport(NamedTuple):
 def memory(model: nnx.Module) -> MemoryReport:
     """Weight and activation memory of ``model`` at its current quantizer parameters.
 
+    Rows come in forward order (the model records it at construction).
     For the ``max`` aggregate the gradient goes entirely to the first largest tensor, as in
     the authors' NNabla code (``jnp.max`` would share it between ties).
     """
     rows: list[LayerMemory] = []
-    for path, m in nnx.iter_modules(model):
-        name = path_str(path)
+    for name, _, m in quantizable_sites(model):
         if isinstance(m, QuantizedWeights):
             for tensor, numel, quant in m.weight_tensors():
                 bits = quant.bits()
-                shape = tuple(getattr(m, tensor).value.shape)
+                shape = tuple(getattr(m, tensor)[...].shape)
                 rows.append(
                     LayerMemory(
                         name,
