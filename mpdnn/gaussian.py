@@ -39,16 +39,6 @@ CASES: tuple[tuple[str, str], ...] = (
     ("pow2", "qmin_qmax"),
 )
 
-#: Short labels: the paper's U1–U3/P3 where it names them, ``pow2 b,qmax`` and ``pow2 b,qmin``
-#: otherwise (the paper's P1/P2 are inconsistent between its text and Table 1; SPEC §2).
-SHORT_NAMES: dict[tuple[str, str], str] = {
-    ("uniform", "b_d"): "U1",
-    ("uniform", "b_qmax"): "U2",
-    ("uniform", "d_qmax"): "U3",
-    ("pow2", "b_qmax"): "pow2 b,qmax",
-    ("pow2", "b_qmin"): "pow2 b,qmin",
-    ("pow2", "qmin_qmax"): "P3",
-}
 
 DEFAULT_SEED = 0
 DEFAULT_NUM_SAMPLES = 10_000  # paper: 10^4 samples
@@ -90,7 +80,7 @@ class Trajectory(NamedTuple):
 
     @property
     def short_name(self) -> str:
-        return SHORT_NAMES[(self.family, self.parametrization)]
+        return mq.SHORT_NAMES[(self.family, self.parametrization)]
 
 
 class Summary(NamedTuple):

@@ -27,6 +27,7 @@ from mpdnn.quantizers.parametrizations import Pow2Params, UniformParams, canonic
 from mpdnn.quantizers.spec import (
     PAPER_NAMES,
     PARAMETRIZATIONS,
+    SHORT_NAMES,
     QuantSpec,
     activation_spec,
     weight_spec,
@@ -35,6 +36,7 @@ from mpdnn.quantizers.spec import (
 __all__ = [
     "PAPER_NAMES",
     "PARAMETRIZATIONS",
+    "SHORT_NAMES",
     "Pow2Params",
     "QuantSpec",
     "UniformParams",

@@ -38,6 +38,17 @@ PAPER_NAMES: dict[tuple[str, str], str] = {
     ("pow2", "qmin_qmax"): "P3 (qmin, qmax)",
 }
 
+#: Short labels: the paper's U1–U3/P3 where it names them; the b-based pow2 cases by θ (the
+#: paper's P1/P2 are inconsistent between its text and Table 1, SPEC §2).
+SHORT_NAMES: dict[tuple[str, str], str] = {
+    ("uniform", "b_d"): "U1",
+    ("uniform", "b_qmax"): "U2",
+    ("uniform", "d_qmax"): "U3",
+    ("pow2", "b_qmax"): "pow2 b,qmax",
+    ("pow2", "b_qmin"): "pow2 b,qmin",
+    ("pow2", "qmin_qmax"): "P3",
+}
+
 # Widest bitwidth box we accept: 2**(b-1) levels must stay exact in float32.
 _MAX_BITS = 24
 
