@@ -15,8 +15,10 @@ same quantizer (what the paper's Fig. 3 and Table 1 compare):
 
 Decisions where SPEC is silent: an all-zero weight tensor (e.g. a zero-initialised bias) falls
 back to the random-init rule, since log2(0) has no step; every initial raw value is clipped
-into its box, because a raw θ outside its box gets no gradient and would never move; the step
-is clipped before qmax0 is derived from it, so the start keeps b0 bits. A signed pow2 start
+strictly *inside* its box (a relative margin of 2**-10 from each edge), because the box passes
+no gradient on or outside its edges (SPEC §2), so a θ started on an edge would never move. The
+margin never changes the quantizer: snapped values and rounded bits land back on the edge
+value. The step is clipped before qmax0 is derived from it, so the start keeps b0 bits. A signed pow2 start
 at b0 >= 6 spans 2**31 octaves or more, beyond the default qmin box (2**-16): its qmin is
 clipped and the start has fewer than b0 bits.
 """
@@ -30,11 +32,20 @@ from mpdnn.quantizers._ste import round_half_away
 from mpdnn.quantizers.spec import QuantSpec
 
 RANDOM_INIT_STEP = 2.0**-3
+_EDGE_MARGIN = 2.0**-10  # relative distance from a box edge, see the module docstring
+
+
+def _inside(value: jax.typing.ArrayLike, lo: float, hi: float) -> jax.Array:
+    """Clip into ``[lo, hi]`` shrunk by a relative margin, where the box passes gradient."""
+    lo_in, hi_in = lo * (1 + _EDGE_MARGIN), hi * (1 - _EDGE_MARGIN)
+    if not lo_in < hi_in:  # a degenerate box (e.g. TQT's fixed b): nothing is learned anyway
+        lo_in = hi_in = lo
+    return jnp.clip(jnp.asarray(value, jnp.float32), lo_in, hi_in)
 
 
 def _uniform_start(spec: QuantSpec, bits: int, step: jax.Array) -> dict[str, jax.Array]:
     """Canonical uniform start (d, qmax, b) for ``bits`` with step ``step`` (boxed first)."""
-    step = jnp.clip(step, *spec.d_range)
+    step = _inside(step, *spec.d_range)
     levels = 2.0 ** (bits - 1) - 1.0 if spec.signed else 2.0**bits - 1.0
     return {"b": jnp.float32(bits), "d": step, "qmax": step * levels}
 
@@ -49,7 +60,7 @@ def _express(spec: QuantSpec, start: dict[str, jax.Array], bits: int) -> dict[st
     theta = {}
     for name in spec.theta_names:
         lo, hi = spec.box(name)
-        theta[name] = jnp.clip(jnp.asarray(values[name], jnp.float32), lo, hi)
+        theta[name] = _inside(values[name], lo, hi)
     return theta
 
 

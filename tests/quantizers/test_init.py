@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,8 +43,27 @@ def test_weight_random_init():
 )
 def test_weight_init_from_float_weights(wmax, bits, d0, qmax0):
     w = jnp.array([0.1 * wmax, -wmax, 0.5 * wmax])
-    theta = mq.init_weight_theta(mq.weight_spec("uniform"), bits, weights=w)
-    _close(theta, d=d0, qmax=qmax0)
+    spec = mq.weight_spec("uniform")
+    theta = mq.init_weight_theta(spec, bits, weights=w)
+    # The quantizer is exactly SPEC §4's; raw values on a box edge are nudged inside by a
+    # relative 2^-10, where the box passes gradient (the snap maps them back onto the edge).
+    params = mq.canonical(theta, spec)
+    assert float(params.d) == d0
+    assert float(theta["qmax"]) == pytest.approx(qmax0, rel=2**-9)
+    assert float(mq.bitwidth(theta, spec)) == bits
+    for name in ("d", "qmax"):
+        lo, hi = spec.box(name)
+        assert lo < float(theta[name]) < hi, name
+
+
+def test_a_start_on_a_box_edge_still_gets_gradients():
+    """max|W| = 0.05 at 4 bits puts d0 below the box (2^-8): the start must still learn."""
+    spec = mq.weight_spec("uniform")
+    w = jnp.linspace(-0.05, 0.05, 101)
+    theta = mq.init_weight_theta(spec, 4, weights=w)
+    g = jax.grad(lambda t: jnp.sum((mq.quantize(w, t, spec) - w) ** 2))(theta)
+    assert float(g["d"]) != 0.0
+    assert float(jax.grad(lambda t: mq.bitwidth(t, spec))(theta)["d"]) != 0.0
 
 
 def test_all_zero_weights_fall_back_to_random_init():
