@@ -6,10 +6,16 @@ from collections.abc import Callable
 
 from flax import nnx
 
+from mpdnn.models.mobilenet_v2 import MobileNetV2, mobilenet_v2
 from mpdnn.models.resnet_cifar import ResNetCifar, resnet20
+from mpdnn.models.resnet_imagenet import ResNetImageNet, resnet18
 
 #: name → constructor ``(num_classes, *, rngs, **kwargs) -> nnx.Module``.
-MODELS: dict[str, Callable[..., nnx.Module]] = {"resnet20": resnet20}
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "resnet20": resnet20,
+    "resnet18": resnet18,
+    "mobilenet_v2": mobilenet_v2,
+}
 
 
 def build(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
@@ -21,4 +27,13 @@ def build(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
     return make(rngs=rngs, **kwargs)
 
 
-__all__ = ["MODELS", "ResNetCifar", "build", "resnet20"]
+__all__ = [
+    "MODELS",
+    "MobileNetV2",
+    "ResNetCifar",
+    "ResNetImageNet",
+    "build",
+    "mobilenet_v2",
+    "resnet18",
+    "resnet20",
+]
