@@ -18,9 +18,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from mpdnn import gaussian
+from mpdnn.cli import OneLineParser
 from mpdnn.provenance import provenance
 
 BANNER = (
@@ -28,13 +28,6 @@ BANNER = (
     "Running the paper's Gaussian experiment (Uhlich et al. 2020, Fig. 3) instead: "
     "E[(Q(x) - x)^2] on N(0, 1) samples, plain gradient descent, six parametrizations."
 )
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr (no usage block), exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -48,7 +41,7 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = _OneLineParser(prog="python -m mpdnn.train", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m mpdnn.train", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--workdir",
         type=Path,

@@ -18,9 +18,9 @@ back to the random-init rule, since log2(0) has no step; every initial raw value
 strictly *inside* its box (a relative margin of 2**-10 from each edge), because the box passes
 no gradient on or outside its edges (SPEC §2), so a θ started on an edge would never move. The
 margin never changes the quantizer: snapped values and rounded bits land back on the edge
-value. The step is clipped before qmax0 is derived from it, so the start keeps b0 bits. A signed pow2 start
-at b0 >= 6 spans 2**31 octaves or more, beyond the default qmin box (2**-16): its qmin is
-clipped and the start has fewer than b0 bits.
+value. The step is clipped before qmax0 is derived from it, so the start keeps b0 bits. A
+signed pow2 start at b0 >= 6 spans 2**31 octaves or more, beyond the default qmin box
+(2**-16): its qmin is clipped and the start has fewer than b0 bits.
 """
 
 from __future__ import annotations
@@ -65,7 +65,10 @@ def _express(spec: QuantSpec, start: dict[str, jax.Array], bits: int) -> dict[st
 
 
 def _check_bits(spec: QuantSpec, bits: int) -> None:
-    if bits < 1 or spec.magnitude_bits(bits) < (1 if spec.family == "uniform" else 0):
+    # Every start is first a uniform grid (SPEC §4), which needs one magnitude bit beside the
+    # sign: 2 bits signed, 1 unsigned, whatever the family.
+    too_few = bits < (2 if spec.signed else 1)
+    if too_few or spec.magnitude_bits(bits) < (1 if spec.family == "uniform" else 0):
         raise ValueError(f"cannot start a {spec.describe()} quantizer at {bits} bits")
 
 

@@ -104,6 +104,7 @@ def test_every_parametrization_starts_from_the_same_quantizer(family, bits):
     assert np.unique(outputs[0]).size == (2**bits - 1 if family == "uniform" else 2**bits)
 
 
-def test_init_rejects_impossible_bits():
+@pytest.mark.parametrize("family", ["uniform", "pow2"])
+def test_init_rejects_impossible_bits(family):
     with pytest.raises(ValueError, match="cannot start"):
-        mq.init_weight_theta(mq.weight_spec("uniform"), 1)
+        mq.init_weight_theta(mq.weight_spec(family), 1, weights=jnp.ones(3))
