@@ -19,6 +19,16 @@ def test_readme_example_runs_and_its_comments_hold():
     assert set(scope["grads"]) == {"d", "qmax"}
 
 
+def test_readme_quantize_a_network_example_runs_with_the_documented_numbers():
+    code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[1]
+    scope: dict = {}
+    exec(compile(code, str(README), "exec"), scope)
+    totals = scope["memory"](scope["model"]).totals()
+    # stem (432) and head (640 + 10) fixed at 8 bits, the other 267,264 conv weights at 2
+    assert totals["weight_kb"] == ((432 + 650) * 8 + (267_696 - 432) * 2) / 8 / 1024
+    assert (totals["act_max_kb"], totals["act_sum_kb"]) == (8.0, 92.0)
+
+
 def test_readme_quick_start_is_the_two_commands_ci_runs():
     text = README.read_text()
     assert 'pip install -e ".[dev]" && python -m mpdnn.train' in text
