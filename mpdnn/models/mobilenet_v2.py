@@ -40,7 +40,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mpdnn.models.resnet_cifar import batch_norm
-from mpdnn.nn import ActQuant, QConv, QLinear, identity, record_activation_shapes, relu6
+from mpdnn.nn import (
+    ActQuant,
+    QConv,
+    QLinear,
+    identity,
+    initializers,
+    record_activation_shapes,
+    relu6,
+)
 
 #: torchvision's (expansion t, output channels c, repeats n, first stride s), width 1.0.
 INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -117,7 +125,7 @@ class MobileNetV2(nnx.Module):
         self.final_bn = batch_norm(final_features, rngs)
         self.final_act = ActQuant(float_fn=relu6)
         self.head = QLinear(
-            final_features, num_classes, rngs=rngs, kernel_init=nnx.initializers.normal(0.01)
+            final_features, num_classes, rngs=rngs, kernel_init=initializers.normal(0.01)
         )
         self.input_shape = tuple(input_shape)
         record_activation_shapes(self, self.input_shape)

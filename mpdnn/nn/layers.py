@@ -18,10 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from mpdnn.nn import initializers
 from mpdnn.nn.quantizer import FLOAT, QuantConfig, Quantizer
 
-_he_normal = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-_lecun_normal = nnx.initializers.lecun_normal()
 # Set only while record_activation_shapes traces a model: activation sites report their
 # per-sample shapes here (a Python-time check, free inside jitted code).
 _RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("mpdnn_act", default=None)
@@ -82,7 +81,7 @@ class QConv(QuantizedWeights):
         groups: int = 1,
         use_bias: bool = False,
         rngs: nnx.Rngs,
-        kernel_init: Callable = _he_normal,
+        kernel_init: Callable = initializers.he_normal_fan_out,
     ):
         ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         if in_features % groups or out_features % groups:
@@ -120,9 +119,8 @@ class QLinear(QuantizedWeights):
         *,
         use_bias: bool = True,
         rngs: nnx.Rngs,
-        kernel_init: Callable | None = None,
+        kernel_init: Callable = initializers.lecun_normal,
     ):
-        kernel_init = kernel_init or _lecun_normal
         self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
         self.kernel_quant = Quantizer(FLOAT, kind="weight")

@@ -118,14 +118,18 @@ def test_quantized_twin_on_a_very_fine_grid_equals_the_float_model(float_model):
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     float_model.eval()
     model.eval()
-    np.testing.assert_allclose(model(x), float_model(x), rtol=1e-3, atol=1e-4)
+    reference = np.asarray(float_model(x))
+    # 16-bit weights (relative error ~2^-16 each) through 20 layers: logits agree to 1e-3
+    # of their scale; the 2-bit twin below differs at the scale of the logits themselves.
+    atol = 1e-3 * np.abs(reference).max()
+    np.testing.assert_allclose(model(x), reference, rtol=1e-3, atol=atol)
     float_model.train()
     # ...and a coarse twin is not (the test can fail)
     coarse = nnx.clone(float_model)
     nn.quantize_model(coarse, uniform_rules(2, 2))
     coarse.eval()
     float_model.eval()
-    assert not np.allclose(coarse(x), float_model(x), rtol=1e-3, atol=1e-4)
+    assert not np.allclose(coarse(x), reference, rtol=1e-3, atol=atol)
     float_model.train()
 
 

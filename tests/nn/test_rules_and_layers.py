@@ -149,3 +149,31 @@ def test_bad_rules_and_configs_are_clear_errors():
         nn.QuantConfig(parametrization="qmin_qmax")
     with pytest.raises(ValueError, match="rule kind"):
         nn.Rule(".*", nn.QuantConfig(), kind="bias")
+
+
+def test_host_initializers_are_keyed_deterministic_and_scaled():
+    from mpdnn.nn import initializers
+
+    key = jax.random.key(3)
+    shape = (3, 3, 64, 128)
+    a = initializers.he_normal_fan_out(key, shape, jnp.float32)
+    assert a.shape == shape and a.dtype == jnp.float32
+    np.testing.assert_array_equal(a, initializers.he_normal_fan_out(key, shape, jnp.float32))
+    assert not np.array_equal(a, initializers.he_normal_fan_out(jax.random.key(4), shape))
+    # He-normal, fan_out = 3 * 3 * 128: std sqrt(2 / 1152) = 0.0417
+    assert float(jnp.std(a)) == pytest.approx(np.sqrt(2 / 1152), rel=0.02)
+    b = initializers.lecun_normal(key, (256, 10))  # fan_in 256: std 1/16
+    assert float(jnp.std(b)) == pytest.approx(1 / 16, rel=0.1)
+
+
+def test_a_model_can_still_be_built_under_a_trace():
+    """Abstract (eval_shape) and jitted construction work: the initialiser falls back to
+    jax.random when the key is a tracer."""
+    from mpdnn.nn import initializers
+
+    out = jax.eval_shape(
+        lambda k: initializers.he_normal_fan_out(k, (3, 3, 4, 8)), jax.random.key(0)
+    )
+    assert out.shape == (3, 3, 4, 8)
+    abstract = nnx.eval_shape(lambda: nn.QConv(4, 8, 3, rngs=nnx.Rngs(0)))
+    assert abstract.kernel.shape == (3, 3, 4, 8)
