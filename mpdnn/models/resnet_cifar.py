@@ -10,7 +10,7 @@ weight site: all quantizable by rules (:func:`mpdnn.nn.quantize_model`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,28 @@ from mpdnn.nn import ActQuant, QConv, QLinear, record_activation_shapes
 def batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
     """BatchNorm as in the authors' code: momentum 0.9, eps 1e-5."""
     return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+
+
+def residual_stages(
+    make_block: Callable[..., nnx.Module],
+    depths: Sequence[int],
+    widths: Sequence[int],
+    in_features: int,
+    *,
+    rngs: nnx.Rngs,
+) -> tuple[nnx.List, int]:
+    """Stages of residual blocks: stage i has ``depths[i]`` blocks of width ``widths[i]``,
+    the first block of every stage but the first strides 2. Returns the stages and the
+    output width. Shared by the CIFAR and ImageNet ResNets."""
+    stages = []
+    for i, (depth, features) in enumerate(zip(depths, widths, strict=True)):
+        stage = []
+        for j in range(depth):
+            stride = 2 if (i > 0 and j == 0) else 1
+            stage.append(make_block(in_features, features, stride, rngs=rngs))
+            in_features = features
+        stages.append(nnx.List(stage))
+    return nnx.List(stages), in_features
 
 
 class BasicBlockA(nnx.Module):
@@ -69,15 +91,9 @@ class ResNetCifar(nnx.Module):
         self.stem = QConv(input_shape[-1], widths[0], 3, padding=1, rngs=rngs)
         self.stem_bn = batch_norm(widths[0], rngs)
         self.stem_act = ActQuant()
-        stages, in_features = [], widths[0]
-        for i, features in enumerate(widths):
-            stage = []
-            for j in range(blocks):
-                stride = 2 if (i > 0 and j == 0) else 1
-                stage.append(BasicBlockA(in_features, features, stride, rngs=rngs))
-                in_features = features
-            stages.append(nnx.List(stage))
-        self.stages = nnx.List(stages)
+        self.stages, in_features = residual_stages(
+            BasicBlockA, [blocks] * len(widths), widths, widths[0], rngs=rngs
+        )
         self.head = QLinear(in_features, num_classes, rngs=rngs)
         self.input_shape = tuple(input_shape)
         record_activation_shapes(self, self.input_shape)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mpdnn.models.resnet_cifar import batch_norm
+from mpdnn.models.resnet_cifar import batch_norm, residual_stages
 from mpdnn.nn import ActQuant, QConv, QLinear, record_activation_shapes
 
 
@@ -76,15 +76,7 @@ class ResNetImageNet(nnx.Module):
         self.stem = QConv(input_shape[-1], widths[0], 7, strides=2, padding=3, rngs=rngs)
         self.stem_bn = batch_norm(widths[0], rngs)
         self.stem_act = ActQuant()
-        stages, in_features = [], widths[0]
-        for i, (depth, features) in enumerate(zip(blocks, widths, strict=True)):
-            stage = []
-            for j in range(depth):
-                stride = 2 if (i > 0 and j == 0) else 1
-                stage.append(BasicBlock(in_features, features, stride, rngs=rngs))
-                in_features = features
-            stages.append(nnx.List(stage))
-        self.stages = nnx.List(stages)
+        self.stages, in_features = residual_stages(BasicBlock, blocks, widths, widths[0], rngs=rngs)
         self.head = QLinear(in_features, num_classes, rngs=rngs)
         self.input_shape = tuple(input_shape)
         record_activation_shapes(self, self.input_shape)
