@@ -46,8 +46,9 @@ def residual_stages(
     return nnx.List(stages), in_features
 
 
-class BasicBlockA(nnx.Module):
-    """conv3×3 → BN → act → conv3×3 → BN → (+ option-A shortcut) → act."""
+class ResidualBlock(nnx.Module):
+    """conv3×3 → BN → act → conv3×3 → BN → (+ ``shortcut(x)``) → act: the basic block of
+    both ResNets; subclasses say what the shortcut is."""
 
     def __init__(self, in_features: int, features: int, stride: int, *, rngs: nnx.Rngs):
         self.conv1 = QConv(in_features, features, 3, strides=stride, padding=1, rngs=rngs)
@@ -56,6 +57,22 @@ class BasicBlockA(nnx.Module):
         self.conv2 = QConv(features, features, 3, padding=1, rngs=rngs)
         self.bn2 = batch_norm(features, rngs)
         self.act2 = ActQuant()
+
+    def shortcut(self, x: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.act1(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.act2(y + self.shortcut(x))
+
+
+class BasicBlockA(ResidualBlock):
+    """The basic block with shortcut "option A": stride-2 subsampling plus zero-padded new
+    channels, no projection conv (the authors' CIFAR ResNet)."""
+
+    def __init__(self, in_features: int, features: int, stride: int, *, rngs: nnx.Rngs):
+        super().__init__(in_features, features, stride, rngs=rngs)
         self.stride = stride
         self.pad_features = features - in_features
 
@@ -66,11 +83,6 @@ class BasicBlockA(nnx.Module):
             half = self.pad_features // 2
             x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (half, self.pad_features - half)))
         return x
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.act1(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return self.act2(y + self.shortcut(x))
 
 
 class ResNetCifar(nnx.Module):

@@ -32,31 +32,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mpdnn.models.resnet_cifar import batch_norm, residual_stages
+from mpdnn.models.resnet_cifar import ResidualBlock, batch_norm, residual_stages
 from mpdnn.nn import ActQuant, QConv, QLinear, record_activation_shapes
 
 
-class BasicBlock(nnx.Module):
-    """conv3×3 → BN → act → conv3×3 → BN → (+ shortcut) → act; torchvision's ``BasicBlock``."""
+class BasicBlock(ResidualBlock):
+    """torchvision's ``BasicBlock``: the shortcut is the identity, or a 1×1 conv (stride s)
+    + BN where the shape changes."""
 
     def __init__(self, in_features: int, features: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv1 = QConv(in_features, features, 3, strides=stride, padding=1, rngs=rngs)
-        self.bn1 = batch_norm(features, rngs)
-        self.act1 = ActQuant()
-        self.conv2 = QConv(features, features, 3, padding=1, rngs=rngs)
-        self.bn2 = batch_norm(features, rngs)
-        self.act2 = ActQuant()
+        super().__init__(in_features, features, stride, rngs=rngs)
         if stride != 1 or in_features != features:
             self.downsample = QConv(in_features, features, 1, strides=stride, padding=0, rngs=rngs)
             self.downsample_bn = batch_norm(features, rngs)
         else:
             self.downsample = self.downsample_bn = None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.act1(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        shortcut = x if self.downsample is None else self.downsample_bn(self.downsample(x))
-        return self.act2(y + shortcut)
+    def shortcut(self, x: jax.Array) -> jax.Array:
+        return x if self.downsample is None else self.downsample_bn(self.downsample(x))
 
 
 class ResNetImageNet(nnx.Module):
