@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import mpdnn.quantizers as mq
+from mpdnn.plots import save_figure
 
 #: The six parametrizations of SPEC §2, in the paper's order (Fig. 3, Table 1).
 CASES: tuple[tuple[str, str], ...] = (
@@ -451,11 +452,7 @@ def plot_curves(
     ax_mse.legend(fontsize=8, ncol=2)
     ax_mse.set_title(title or "Gaussian data: E[(Q(x) - x)^2] by gradient descent")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_grid(runs: Mapping[tuple[str, float], Mapping[str, Trajectory]], path: str | Path) -> Path:
@@ -486,8 +483,4 @@ def plot_grid(runs: Mapping[tuple[str, float], Mapping[str, Trajectory]], path: 
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -12,6 +12,17 @@ _COLORS = {"weight": "#3a6ea5", "activation": "#e07b39"}
 FLOAT_BITS = 32.0
 
 
+def save_figure(fig, path: str | Path, *, dpi: int) -> Path:
+    """Write ``fig`` to ``path`` (creating its folder) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _mode(quantizer: str) -> str:
     """``learned``, ``fixed``/``tqt`` or ``float`` from a row's quantizer description."""
     if quantizer == "float":
@@ -110,8 +121,4 @@ def plot_bitwidths(report: Mapping[str, Any], path: str | Path, title: str | Non
     ]
     fig.suptitle("\n".join(lines), fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)
