@@ -1,0 +1,335 @@
+"""Memory accounting as a pure function of the parameter pytree (SPEC §5).
+
+:func:`mpdnn.optim.memory` reads a merged NNX model. An optax transform sees only the
+parameter pytree, so :class:`Accounting` describes the model once, statically (which
+quantizer sits where, its spec, which θ are trained, the shapes it counts), and then computes
+the sizes from any parameter tree that holds the trained θ::
+
+    accounting = Accounting.from_model(model)       # once, outside jit
+    accounting(nnx.state(model, nnx.Param))         # {"weight_kb", "act_max_kb", "act_sum_kb"}
+
+Sizes follow SPEC §5 exactly, as :func:`~mpdnn.optim.memory` does (both share this module's
+core, so they cannot drift apart):
+
+    S_w     = Σ_weight tensors  numel · b / 8192          (KB; float tensors b = 32)
+    S_a,max = max_activations   numel · b / 8192          (gradient to the first argmax)
+    S_a,sum = Σ_activations     numel · b / 8192
+
+with b from :func:`mpdnn.quantizers.bitwidth` (SPEC §3), straight-through, so every size is
+differentiable w.r.t. the trained θ. A per-channel θ (an array) gives one b per channel; the
+tensor then counts ``numel · mean(b)`` bits (each channel holds ``numel / channels`` values).
+
+θ are found by **path**: the parameter tree is flattened with
+:func:`jax.tree_util.tree_flatten_with_path` and every key path becomes a dotted string
+(dict key, sequence index or attribute name; the trailing ``value`` attribute of
+``nnx.Variable`` leaves is dropped), so ``"head.kernel_quant.d"`` is found in an
+``nnx.State``, in ``nnx.to_pure_dict`` of it and in a tree that ``optax.masked`` has partly
+replaced by ``optax.MaskedNode`` (a node without leaves).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import mpdnn.quantizers as mq
+from mpdnn.nn.layers import ActQuant, QuantizedWeights
+from mpdnn.nn.quantizer import FLOAT_BITS, Quantizer
+from mpdnn.nn.rules import quantizable_sites
+
+KB = 8.0 * 1024.0  # bits per kilobyte (1 KB = 1024 bytes)
+SIZE_NAMES = ("weight_kb", "act_max_kb", "act_sum_kb")
+
+
+# ----------------------------------------------------------------------------------------
+# The core shared with memory(): which tensors count, their bits, the aggregates.
+
+
+class CountedTensor(NamedTuple):
+    """One tensor of SPEC §5: a conv/linear kernel or bias, or a per-sample activation.
+
+    ``site`` is the layer's dotted path, ``path`` its quantizer's (``site.kernel_quant``,
+    ``site.bias_quant``, ``site.quant``); ``tensor`` is ``kernel``, ``bias`` or ``act``.
+    """
+
+    site: str
+    path: str
+    kind: str
+    tensor: str
+    shape: tuple[int, ...]
+    numel: int
+    quantizer: Quantizer
+
+
+def counted_tensors(model: nnx.Module) -> list[CountedTensor]:
+    """Every tensor counted in the memory of ``model``, in forward order."""
+    out: list[CountedTensor] = []
+    for site, _, m in quantizable_sites(model):
+        if isinstance(m, QuantizedWeights):
+            for tensor, numel, quant in m.weight_tensors():
+                shape = tuple(getattr(m, tensor)[...].shape)
+                out.append(
+                    CountedTensor(
+                        site, f"{site}.{tensor}_quant", "weight", tensor, shape, numel, quant
+                    )
+                )
+        elif isinstance(m, ActQuant):
+            if m.shape is None:
+                raise ValueError(
+                    f"activation site {site!r} has no recorded shape; build the model with "
+                    "its input shape (record_activation_shapes) before counting memory"
+                )
+            numel = math.prod(m.shape)
+            out.append(
+                CountedTensor(site, f"{site}.quant", "activation", "act", m.shape, numel, m.quant)
+            )
+    return out
+
+
+@functools.cache
+def _stacked_bitwidth(spec: mq.QuantSpec):
+    """``jit(vmap(bitwidth))`` for one spec, made once: called eagerly (reports, logging),
+    an un-jitted vmap would compile every primitive of the bitwidth graph on every call."""
+    return jax.jit(jax.vmap(lambda theta: mq.bitwidth(theta, spec)))
+
+
+def grouped_bits(
+    quantizers: Sequence[tuple[mq.QuantSpec | None, Mapping[str, jax.typing.ArrayLike]]],
+) -> list[jax.Array]:
+    """Bits (SPEC §3) of every ``(spec, θ)``, 32 where ``spec`` is None (float).
+
+    One vectorised :func:`mq.bitwidth` per distinct spec (and θ shapes): a network has 20–70
+    quantizers but only a few specs, and one scalar graph per quantizer doubled the HLO of a
+    training step and its compile time.
+    """
+    bits: list[jax.Array | None] = [None] * len(quantizers)
+    groups: dict[tuple, list[int]] = {}
+    for i, (spec, theta) in enumerate(quantizers):
+        if spec is None:
+            bits[i] = jnp.float32(FLOAT_BITS)
+            continue
+        shapes = tuple((k, jnp.shape(theta[k])) for k in spec.theta_names)
+        groups.setdefault((spec, shapes), []).append(i)
+    for (spec, _), members in groups.items():
+        stacked = {
+            k: jnp.stack([jnp.asarray(quantizers[i][1][k], jnp.float32) for i in members])
+            for k in spec.theta_names
+        }
+        group_bits = _stacked_bitwidth(spec)(stacked)
+        for j, i in enumerate(members):
+            bits[i] = group_bits[j]
+    return bits  # type: ignore[return-value]
+
+
+def tensor_kb(numel: int, bits: jax.Array) -> jax.Array:
+    """``numel · b / 8192``; a per-channel ``b`` counts ``numel · mean(b)`` bits."""
+    b = bits if bits.ndim == 0 else jnp.mean(bits)
+    return numel * b / KB
+
+
+class Sizes(NamedTuple):
+    """The three totals of SPEC §5 in KB (differentiable scalar arrays)."""
+
+    weight_kb: jax.Array
+    act_max_kb: jax.Array
+    act_sum_kb: jax.Array
+
+
+def aggregate(kinds: Sequence[str], kb: Sequence[jax.Array]) -> Sizes:
+    """Weight sum, activation max and sum of per-tensor sizes.
+
+    The ``max`` gives its whole gradient to the first largest tensor, as the authors' NNabla
+    code does (``jnp.max`` would share it between ties).
+    """
+    zero = jnp.float32(0.0)
+    weight_kb = sum((s for k, s in zip(kinds, kb, strict=True) if k == "weight"), zero)
+    acts = [s for k, s in zip(kinds, kb, strict=True) if k == "activation"]
+    if not acts:
+        return Sizes(weight_kb, zero, zero)
+    act_kb = jnp.stack(acts)
+    act_max_kb = act_kb[jnp.argmax(jax.lax.stop_gradient(act_kb))]
+    return Sizes(weight_kb, act_max_kb, jnp.sum(act_kb))
+
+
+# ----------------------------------------------------------------------------------------
+# Paths in a parameter pytree.
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("key", "idx", "name"):  # DictKey, SequenceKey / FlattenedIndexKey, GetAttrKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def dotted_path(key_path: Sequence[Any]) -> str:
+    """A key path as a dotted string; the trailing ``value`` of a Variable leaf is dropped."""
+    parts = [_key_str(k) for k in key_path]
+    if key_path and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def leaves_by_path(tree: Any) -> dict[str, Any]:
+    """``{dotted path: leaf}`` of a pytree (``nnx.State``, pure dict, masked tree...)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {dotted_path(p): leaf for p, leaf in flat}
+
+
+# ----------------------------------------------------------------------------------------
+# The static description and the pure size function.
+
+
+class QuantizerInfo(NamedTuple):
+    """The static facts of one quantizer and the tensor it counts.
+
+    Attributes:
+      path: dotted module path of the :class:`~mpdnn.nn.quantizer.Quantizer`
+        (``"stages.0.1.conv1.kernel_quant"``, ``"stem_act.quant"``); θ ``name`` lives at
+        ``f"{path}.{name}"`` in the parameter tree.
+      spec: its :class:`~mpdnn.quantizers.QuantSpec`; ``None`` for a float tensor (32 bits).
+      learned: names of the trained θ (``QuantParam``), e.g. ``("d", "qmax")``.
+      constants: θ not trained (``QuantState``: the fixed mode's, TQT's ``b``), by value at
+        build time (float, or a numpy array for a per-channel θ).
+      kind: ``"weight"`` or ``"activation"``.
+      site: the layer's dotted path; ``tensor``: ``kernel``, ``bias`` or ``act``.
+      shape: the kernel's or the per-sample activation's shape; ``numel``: its size.
+    """
+
+    path: str
+    spec: mq.QuantSpec | None
+    learned: tuple[str, ...]
+    constants: dict[str, Any]
+    kind: str
+    site: str
+    tensor: str
+    shape: tuple[int, ...]
+    numel: int
+
+    @property
+    def learns_bits(self) -> bool:
+        """Whether training can change this tensor's bitwidth (U3/P3 learned, or a learned b)."""
+        if self.spec is None:
+            return False
+        if self.spec.learns_bits:
+            return "b" in self.learned
+        return bool(self.learned)
+
+    def theta_path(self, name: str) -> str:
+        return f"{self.path}.{name}"
+
+
+def _constant(value: jax.Array) -> Any:
+    arr = np.asarray(value, np.float32)
+    return float(arr) if arr.ndim == 0 else arr
+
+
+class Accounting:
+    """Memory of a quantized model as a pure function of its parameter pytree.
+
+    Build it once with :meth:`from_model` (outside ``jit``); call it inside a jitted step::
+
+        sizes = accounting(params)   # {"weight_kb": ..., "act_max_kb": ..., "act_sum_kb": ...}
+
+    ``params`` is any pytree that holds every trained θ at its module path: the
+    ``nnx.State`` of ``nnx.Param``, its ``nnx.to_pure_dict``, or a tree ``optax.masked`` passes
+    on. The numbers equal :func:`~mpdnn.optim.memory`'s for the same state.
+    """
+
+    def __init__(self, quantizers: Iterable[QuantizerInfo], fixed_bits: Sequence[float]):
+        self.quantizers: tuple[QuantizerInfo, ...] = tuple(quantizers)
+        # Bits at build time of the tensors whose bits training cannot change (for min_sizes).
+        self._fixed_bits = tuple(fixed_bits)
+
+    @classmethod
+    def from_model(cls, model: nnx.Module) -> Accounting:
+        """Describe ``model`` (built, its activation shapes recorded, as for ``memory``)."""
+        infos, fixed_bits = [], []
+        for t in counted_tensors(model):
+            q = t.quantizer
+            spec = q.spec
+            learned: list[str] = []
+            constants: dict[str, Any] = {}
+            for name in spec.theta_names if spec is not None else ():
+                variable = getattr(q, name)
+                if isinstance(variable, nnx.Param):
+                    learned.append(name)
+                else:
+                    constants[name] = _constant(variable[...])
+            info = QuantizerInfo(
+                t.path, spec, tuple(learned), constants, t.kind, t.site, t.tensor, t.shape, t.numel
+            )
+            infos.append(info)
+            fixed_bits.append(np.nan if info.learns_bits else float(jnp.mean(q.bits())))
+        return cls(infos, fixed_bits)
+
+    def __repr__(self) -> str:
+        learned = sum(q.learns_bits for q in self.quantizers)
+        return f"Accounting({len(self.quantizers)} tensors, {learned} with learned bits)"
+
+    def _theta(self, lookup: Mapping[str, Any], q: QuantizerInfo) -> dict[str, jax.Array]:
+        theta = {k: jnp.asarray(v, jnp.float32) for k, v in q.constants.items()}
+        for name in q.learned:
+            path = q.theta_path(name)
+            if path not in lookup:
+                raise ValueError(
+                    f"learned quantizer parameter {path!r} is not in params (masked out, or "
+                    f"params of another model?); params hold {len(lookup)} leaves, e.g. "
+                    f"{sorted(lookup)[:3]}"
+                )
+            theta[name] = lookup[path]
+        return theta
+
+    def theta(self, params: Any, q: QuantizerInfo) -> dict[str, jax.Array]:
+        """θ of quantizer ``q``: the learned ones looked up in ``params``, constants filled in.
+
+        Raises ValueError when a learned θ is missing from ``params``.
+        """
+        return self._theta(leaves_by_path(params), q)
+
+    def sizes(self, params: Any) -> Sizes:
+        """Weight, max- and sum-activation memory (KB) at the θ in ``params``.
+
+        Differentiable w.r.t. the learned θ (straight-through through the bitwidth, SPEC §3).
+        """
+        lookup = leaves_by_path(params)
+        pairs = [(q.spec, self._theta(lookup, q)) for q in self.quantizers]
+        bits = grouped_bits(pairs)
+        kb = [tensor_kb(q.numel, b) for q, b in zip(self.quantizers, bits, strict=True)]
+        return aggregate([q.kind for q in self.quantizers], kb)
+
+    def __call__(self, params: Any) -> dict[str, jax.Array]:
+        """:meth:`sizes` as a dict: the ``size_fn`` the budget transforms take."""
+        return self.sizes(params)._asdict()
+
+    def min_sizes(self) -> dict[str, float]:
+        """Sizes (KB) of the smallest model training can reach.
+
+        Every tensor whose bits are learned at its minimum ``spec.b_range[0]`` (SPEC §3's
+        b_min); fixed, TQT and float tensors keep their bits. A budget below these numbers
+        can never be met.
+        """
+        weight, acts = 0.0, []
+        for q, fixed in zip(self.quantizers, self._fixed_bits, strict=True):
+            bits = q.spec.b_range[0] if q.learns_bits else fixed
+            kb = q.numel * bits / KB
+            if q.kind == "weight":
+                weight += kb
+            else:
+                acts.append(kb)
+        return {
+            "weight_kb": weight,
+            "act_max_kb": max(acts, default=0.0),
+            "act_sum_kb": sum(acts),
+        }
+
+    def learned_paths(self) -> dict[str, tuple[QuantizerInfo, str]]:
+        """``{θ path: (quantizer, θ name)}`` of every learned θ."""
+        return {q.theta_path(n): (q, n) for q in self.quantizers for n in q.learned}
