@@ -1,0 +1,397 @@
+"""Checkpoints of the training state: a small, crash-tolerant wrapper over orbax.
+
+One :class:`Checkpointer` per work directory. Each step is one orbax step directory holding two
+items: ``state`` (any pytree of arrays, saved with ``StandardSave``) and ``metadata`` (a small
+JSON dict)::
+
+    <directory>/<step>/_CHECKPOINT_METADATA        orbax's step record
+    <directory>/<step>/state/_METADATA             tree structure and per-leaf types
+    <directory>/<step>/state/_sharding             the saved shardings
+    <directory>/<step>/state/manifest.ocdbt        OCDBT root of the array store
+    <directory>/<step>/state/d/<hash>              OCDBT b-tree nodes (small arrays inline)
+    <directory>/<step>/state/ocdbt.process_<i>/    each process's array data (``d/<hash>``)
+    <directory>/<step>/metadata/metadata           the JSON metadata
+
+A save is written to ``<step>.orbax-checkpoint-tmp*`` and renamed into place when complete, so a
+crash mid-save leaves a directory orbax never lists. A finished checkpoint that cannot be read
+later (truncated or deleted files) is skipped by :meth:`Checkpointer.restore`, which falls back
+to the next older step with a warning.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import operator
+import os
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+_log = logging.getLogger(__name__)
+
+_STATE = "state"
+_METADATA = "metadata"
+_ORBAX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(ocp.__file__)))
+_REASON_CHARS = 240
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or restored (one-line message)."""
+
+
+class Checkpointer:
+    """Saves and restores ``(step, state, metadata)`` in ``directory``, keeping the newest few.
+
+    Args:
+      directory: the checkpoint directory (created if missing). Reopening a directory that
+        holds checkpoints resumes it: :meth:`restore` finds them.
+      max_to_keep: how many of the newest checkpoints to keep (``None``: all).
+      async_save: write in a background thread. :meth:`save` still copies the arrays off
+        the device before it returns, so the caller may donate or overwrite them at once.
+        Call :meth:`wait` (or :meth:`close`) to make the last save durable.
+
+    Every process of a multi-host run must make the same calls; orbax coordinates them.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+    ):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be positive or None, got {max_to_keep}")
+        _quiet_orbax_info()
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(_STATE, _METADATA)
+        )
+        # Steps that restore() skipped as unreadable before restoring an older one.
+        self._unreadable: set[int] = set()
+        self._closed = False
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Starts saving ``state`` and ``metadata`` as checkpoint ``step``; returns whether it did.
+
+        A step that already has a checkpoint is skipped (``False``). Without ``force``, orbax
+        also skips a step older than the newest checkpoint; ``force=True`` saves it anyway.
+        ``metadata`` must be JSON-serializable (numpy and jax scalars and arrays become
+        numbers and lists); :meth:`restore` returns it as ``json.loads`` reads it back.
+
+        The first save after a :meth:`restore` that fell back past unreadable checkpoints
+        deletes them: they belong to the abandoned run, and orbax would otherwise refuse
+        to save at their steps again.
+        """
+        step = _as_step(step)
+        payload = _json_payload(metadata)
+        if self._unreadable:
+            self.wait()
+            for bad in sorted(self._unreadable):
+                if bad in self._manager.all_steps():
+                    _log.warning(
+                        "deleting unreadable checkpoint at step %d in %s", bad, self.directory
+                    )
+                    self._manager.delete(bad)
+            self._unreadable.clear()
+        if step in self._manager.all_steps():
+            _log.debug("checkpoint at step %d in %s exists; not saving", step, self.directory)
+            return False
+        args = ocp.args.Composite(
+            **{_STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(payload)}
+        )
+        try:
+            return bool(self._manager.save(step, args=args, force=force))
+        except ocp.checkpoint_manager.StepAlreadyExistsError:
+            _log.debug("checkpoint at step %d in %s exists; not saving", step, self.directory)
+            return False
+        except Exception as e:
+            # A failed background save surfaces at the next save (orbax waits for it first).
+            raise CheckpointError(
+                f"saving checkpoint at step {step} in {self.directory} failed ({_reason(e)})"
+            ) from e
+
+    def wait(self) -> None:
+        """Blocks until every started save is complete and durable."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(
+                f"saving a checkpoint in {self.directory} failed ({_reason(e)})"
+            ) from e
+
+    def latest_step(self) -> int | None:
+        """The newest checkpoint's step (``None`` if there is none); it may be unreadable."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """The steps of all checkpoints, ascending (one still being saved included)."""
+        return sorted(self._manager.all_steps())
+
+    def restore(
+        self, abstract_state: PyTree, step: int | None = None
+    ) -> tuple[int, PyTree, dict] | None:
+        """Restores ``(step, state, metadata)``; ``None`` if there are no checkpoints.
+
+        Args:
+          abstract_state: the target: a pytree of the saved structure whose leaves are
+            ``jax.ShapeDtypeStruct`` (with ``sharding``) or concrete arrays, e.g. a freshly
+            initialised state. Restored arrays take each target leaf's shape, dtype and
+            sharding (a different stored dtype is cast; a different shape is an error).
+          step: the step to restore; ``None``: the newest readable checkpoint. If the newest
+            is unreadable this warns and falls back to the next older one, and so on.
+
+        Raises:
+          CheckpointError: ``step`` is given and missing or unreadable, or no checkpoint
+            is readable.
+        """
+        self.wait()  # an in-flight save must not look like a missing or corrupt one
+        target = jax.tree.map(_abstract_leaf, abstract_state)
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if step is not None:
+            step = _as_step(step)
+            if step not in steps:
+                raise CheckpointError(
+                    f"no checkpoint at step {step} in {self.directory} (steps: {sorted(steps)})"
+                )
+            try:
+                return (step, *self._restore_step(step, target))
+            except Exception as e:
+                raise CheckpointError(
+                    f"checkpoint at step {step} in {self.directory} is unreadable ({_reason(e)})"
+                ) from e
+        if not steps:
+            return None
+        for i, candidate in enumerate(steps):
+            try:
+                state, metadata = self._restore_step(candidate, target)
+            except Exception as e:
+                error = e
+                if i + 1 < len(steps):
+                    _warn(
+                        f"checkpoint at step {candidate} in {self.directory} is unreadable "
+                        f"({_reason(e)}); falling back to step {steps[i + 1]}"
+                    )
+                continue
+            self._unreadable.update(steps[:i])
+            return candidate, state, metadata
+        raise CheckpointError(
+            f"no readable checkpoint in {self.directory} (tried steps {steps}; "
+            f"step {steps[-1]}: {_reason(error)})"
+        ) from error
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's resources; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _restore_step(self, step: int, target: PyTree) -> tuple[PyTree, dict]:
+        """One orbax restore of ``step``, without orbax's echoes of a read error."""
+        args = ocp.args.Composite(
+            **{_STATE: ocp.args.StandardRestore(target), _METADATA: ocp.args.JsonRestore()}
+        )
+        with _OrbaxReadEchoes() as echoes:
+            try:
+                restored = self._manager.restore(step, args=args)
+            except Exception as e:
+                # Release the failed reads' frames so that settle() can collect them.
+                error = _without_tracebacks(e)
+            else:
+                error = None
+            if error is not None:
+                echoes.settle()
+        if error is not None:
+            raise error
+        metadata = restored[_METADATA]
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"metadata is {type(metadata).__name__}, not a JSON object")
+        return restored[_STATE], metadata
+
+
+def _as_step(step: int) -> int:
+    """``step`` as a non-negative Python int (numpy and 0-d jax integers too)."""
+    value = operator.index(step)
+    if value < 0:
+        raise ValueError(f"step must be non-negative, got {value}")
+    return value
+
+
+def _abstract_leaf(leaf: Any) -> Any:
+    """A concrete ``jax.Array`` becomes its ``ShapeDtypeStruct`` with the same sharding."""
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    return leaf
+
+
+def _json_payload(metadata: Mapping[str, Any] | None) -> dict:
+    """``metadata`` as it will read back from JSON; raises now rather than in the writer."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping, got {type(metadata).__name__}")
+    try:
+        return json.loads(json.dumps(dict(metadata), default=_json_default))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint metadata is not JSON-serializable ({e})") from e
+
+
+def _json_default(value: Any) -> Any:
+    """Numpy and jax scalars and arrays as JSON numbers and lists."""
+    if isinstance(value, np.generic | np.ndarray | jax.Array):
+        return np.asarray(value).tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+
+
+def _reason(error: BaseException) -> str:
+    """``error`` as one short line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+
+
+def _warn(message: str) -> None:
+    """A warning both in the log and, as one line, on stderr (logging may not be set up)."""
+    _log.warning(message)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _without_tracebacks(error: BaseException) -> BaseException:
+    """``error`` with the tracebacks of it and its chained causes dropped (messages kept)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        pending += [current.__cause__, current.__context__, *getattr(current, "exceptions", ())]
+    return error
+
+
+def _is_orbax_echo(unraisable: Any) -> bool:
+    """Whether an unraisable exception is debris of orbax's abandoned reads."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine that was never awaited
+    if code is not None and code.co_filename.startswith(_ORBAX_DIR):
+        return True
+    tb = error.__traceback__ if error is not None else None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_ORBAX_DIR):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _OrbaxReadEchoes(logging.Filter):
+    """While active, drops the debris a failed orbax restore leaves behind.
+
+    When one array read fails, orbax abandons the others. As they are collected or complete,
+    each re-raises from a ``GeneratorExit`` handler ("Exception ignored in <coroutine>" and a
+    full TensorStore spec), calls back into orbax's closed event loop ("Event loop is
+    closed"), was never awaited at all, or leaves a future whose error asyncio logs ("...
+    exception was never retrieved"): dozens of lines for one error, which
+    :meth:`Checkpointer.restore` reports on one line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
+
+    def __enter__(self) -> _OrbaxReadEchoes:
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._hook
+        logging.getLogger("asyncio").addFilter(self)
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings(
+            "ignore", message="coroutine .* was never awaited", category=RuntimeWarning
+        )
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._warnings.__exit__(*exc_info)
+        logging.getLogger("asyncio").removeFilter(self)
+        sys.unraisablehook = self._previous_hook
+
+    def settle(self, *, poll_s: float = 0.01, quiet_polls: int = 10, max_polls: int = 200) -> None:
+        """Collects the abandoned reads and waits (boundedly) until their echoes stop."""
+        gc.collect()
+        quiet = 0
+        for _ in range(max_polls):
+            before = self.dropped
+            time.sleep(poll_s)
+            quiet = quiet + 1 if self.dropped == before else 0
+            if quiet == quiet_polls:
+                break
+        gc.collect()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # asyncio's message is "Task exception was never retrieved\nfuture: <Task ...>".
+        if record.getMessage().partition("\n")[0].endswith("exception was never retrieved"):
+            self.dropped += 1
+            return False
+        return True
+
+    def _hook(self, unraisable: Any) -> None:
+        if _is_orbax_echo(unraisable):
+            self.dropped += 1
+        else:
+            self._previous_hook(unraisable)
+
+
+class _OrbaxInfoFilter(logging.Filter):
+    """Drops orbax's records below WARNING (dozens of INFO lines per save under absl)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(_ORBAX_DIR)
+
+
+_ORBAX_INFO_FILTER = _OrbaxInfoFilter()
+
+
+def _quiet_orbax_info() -> None:
+    """Installs :data:`_ORBAX_INFO_FILTER` on absl's logger, through which orbax logs.
+
+    Once ``absl.app.run`` has parsed flags, absl logs INFO to stderr; orbax writes dozens of
+    INFO lines per save. Its warnings and errors still pass. To see the INFO lines again:
+    ``logging.getLogger("absl").removeFilter(checkpoint._ORBAX_INFO_FILTER)``.
+    """
+    absl_logger = logging.getLogger("absl")
+    if _ORBAX_INFO_FILTER not in absl_logger.filters:
+        absl_logger.addFilter(_ORBAX_INFO_FILTER)
