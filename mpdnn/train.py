@@ -1,110 +1,133 @@
-"""``python -m mpdnn.train``: placeholder entry point until the network trainer exists.
+"""``python -m mpdnn.train``: train an experiment config (SPEC §6–8).
 
-The trainer (``mpdnn/training``, SPEC §6–8) is not built yet. Until it is, this command runs
-the paper's Gaussian experiment (Uhlich et al., ICLR 2020, Fig. 3) from :mod:`mpdnn.gaussian`
-at its defaults (pow2 step, one learning rate, all six parametrizations), prints a table and
-writes ``gaussian_mse.json`` and ``gaussian_mse.png`` into ``--workdir``. It says so loudly,
-so nobody mistakes its output for a trained network. About 10 s on a 2-core CPU.
+    python -m mpdnn.train [--config experiments/<name>.py[:arg]] [--workdir DIR]
+                          [--config.key=value ...]
 
-    python -m mpdnn.train --workdir runs/gaussian --steps 2000
+With no flags it runs the default experiment (:mod:`mpdnn.configs.digits`: float vs fixed
+2-bit vs learned mixed precision under one weight budget on scikit-learn's digits, about a
+minute on a laptop CPU) and prints one table. ``--workdir`` defaults to ``runs/<name>``; a
+workdir that holds checkpoints is resumed from its latest readable one. A config with
+``variants`` trains each in ``<workdir>/<variant>`` and prints them side by side.
+
+Exit status: 0 done; 1 training failed (e.g. a non-finite loss: the last good checkpoint is
+kept); 2 bad input (one line on stderr); 3 a run with budgets ended with no evaluation that
+met them all (no deliverable model); 143 stopped by SIGTERM after checkpointing.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
+import signal
 import sys
-import time
-from collections.abc import Sequence
 from pathlib import Path
 
-from mpdnn import gaussian
-from mpdnn.cli import OneLineParser
-from mpdnn.provenance import provenance
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
 
-BANNER = (
-    "mpdnn.train: the network trainer is not built yet (SPEC §6-8).\n"
-    "Running the paper's Gaussian experiment (Uhlich et al. 2020, Fig. 3) instead: "
-    "E[(Q(x) - x)^2] on N(0, 1) samples, plain gradient descent, six parametrizations."
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "digits.py"
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    default=str(DEFAULT_CONFIG),
+    help_string="experiment config file, optionally with ':arg' (default: the digits experiment)",
+    lock_config=True,
 )
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default runs/<config name>)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python -m mpdnn.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path("runs/gaussian"),
-        help="where gaussian_mse.json and gaussian_mse.png go (default runs/gaussian)",
+def format_table(results: dict) -> str:
+    """One row per run: the delivered model's accuracy, weight and activation KB against the
+    budgets, verdict and per-layer weight bits, and the final epoch's accuracy beside it."""
+    header = (
+        f"{'run':<10} {'test acc':>8} {'weight KB':>10} {'budget':>8} {'act max KB':>10}  "
+        f"{'verdict':<14} {'final acc':>9}  weight bits per layer"
     )
-    parser.add_argument(
-        "--steps",
-        type=_positive_int,
-        default=gaussian.DEFAULT_STEPS,
-        help=f"gradient steps (default {gaussian.DEFAULT_STEPS})",
-    )
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    print(BANNER, flush=True)
-    lr = gaussian.DEFAULT_LEARNING_RATE
-    print(
-        f"steps={args.steps} lr={lr:g} samples={gaussian.DEFAULT_NUM_SAMPLES} "
-        f"seed={gaussian.DEFAULT_SEED} pow2_step=True workdir={args.workdir}",
-        flush=True,
-    )
-    start = time.perf_counter()
-    results = gaussian.run_experiment(steps=args.steps, learning_rate=lr)
-    summaries = gaussian.summarize_all(results)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        fig = gaussian.plot_curves(
-            results,
-            args.workdir / "gaussian_mse.png",
-            title=f"Gaussian data, pow2 step, lr={lr:g} (paper Fig. 3)",
+    lines = [header, "-" * len(header)]
+    for name, r in results.items():
+        budget = r.budgets.get("weight_kb")
+        acc = None if r.delivered_test_error is None else 1 - r.delivered_test_error
+        final = None if r.final_test_error is None else 1 - r.final_test_error
+        if r.feasible is None:
+            verdict = "no budget"
+        elif r.feasible:
+            verdict = f"meets (ep {r.best_feasible_step / r.steps_per_epoch:.0f})"
+        else:
+            verdict = "OVER BUDGET"
+        bits = "/".join(
+            f"{row['bits']:.0f}"
+            for row in r.layers
+            if row["kind"] == "weight" and row["tensor"] == "kernel"
         )
-    except ImportError:  # matplotlib is an optional extra ("train"); the numbers still count
-        fig = "no figure (matplotlib not installed; pip install 'mpdnn[train]')"
-    wall = time.perf_counter() - start
-    argv_list = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python", "-m", "mpdnn.train", *argv_list])
-    record = {
-        "experiment": "gaussian_mse via mpdnn.train (trainer not built yet)",
-        "provenance": provenance(command, wall_time_s=wall, seed=gaussian.DEFAULT_SEED),
-        "config": {
-            "steps": args.steps,
-            "num_samples": gaussian.DEFAULT_NUM_SAMPLES,
-            "learning_rate": lr,
-            "pow2_step": True,
-            "initial_bits": gaussian.DEFAULT_BITS,
-        },
-        "verdict": gaussian.verdict_sentence(summaries),
-        "cases": {key: gaussian.record(t) for key, t in results.items()},
-    }
-    json_path = args.workdir / "gaussian_mse.json"
-    json_path.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+        lines.append(
+            f"{name or 'run':<10} {_fmt(acc, '.4f'):>8} "
+            f"{r.delivered_sizes['weight_kb']:>10.3f} {_fmt(budget, '.2f'):>8} "
+            f"{r.delivered_sizes['act_max_kb']:>10.2f}  {verdict:<14} {_fmt(final, '.4f'):>9}  "
+            f"{bits}"
+        )
+    lines.append(
+        "test acc, sizes, bits: the delivered model (with budgets: the best evaluation that "
+        "met them all; ep = its epoch); final acc: the last epoch"
+    )
+    return "\n".join(lines)
 
+
+def _on_sigterm(signum, frame) -> None:
+    from mpdnn.training.trainer import STOP_REQUESTED
+
+    STOP_REQUESTED.set()
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}")
+    # absl would print every INFO line of JAX's (e.g. "Unable to initialize backend 'tpu'").
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    from mpdnn.data import DataError
+    from mpdnn.training import config as cfg
+    from mpdnn.training.checkpoint import CheckpointError
+    from mpdnn.training.trainer import TrainingError, train_and_evaluate
+
+    config = _CONFIG.value
+    workdir = Path(_WORKDIR.value or Path("runs") / config.name)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    results = {}
+    try:
+        runs = cfg.variants(config)
+        for run in runs.values():
+            cfg.check(run)
+        for name, run in runs.items():
+            run_dir = workdir / name if name else workdir
+            print(f"== {run.name}: {run_dir}", file=sys.stderr, flush=True)
+            results[name] = result = train_and_evaluate(run, run_dir)
+            if result.status == "stopped":
+                print(f"stopped at step {result.step}; rerun the same command to resume")
+                sys.exit(143)
+    except (cfg.ConfigError, DataError) as err:
+        print(f"mpdnn.train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (TrainingError, CheckpointError) as err:
+        print(f"mpdnn.train: training failed: {err}", file=sys.stderr)
+        sys.exit(1)
     print()
-    print(gaussian.format_table(summaries))
-    print("(oscillation: total climb of log-MSE over the second half, in nats; rises: steps")
-    print(f" that raise the MSE by > {gaussian.RISE_THRESHOLD:.0%}; * = oscillating)")
-    print()
-    print(gaussian.verdict_sentence(summaries))
-    print(f"wrote {json_path} and {fig} in {wall:.1f} s")
+    print(format_table(results))
+    print(f"results in {workdir} (summary.json, report.json, bitwidths.png per run)")
+    infeasible = [n or config.name for n, r in results.items() if r.feasible is False]
+    if infeasible:
+        print(
+            f"mpdnn.train: NO evaluation of {', '.join(infeasible)} met every budget; "
+            "no deliverable model",
+            file=sys.stderr,
+        )
+        sys.exit(3)
+
+
+def run() -> None:
+    app.run(main)
 
 
 if __name__ == "__main__":
-    main()
+    run()

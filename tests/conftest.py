@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import jax
 import pytest
@@ -10,6 +11,18 @@ from hypothesis import HealthCheck, settings
 
 # Strict settings, as Equinox's tests: implicit rank promotion is a bug in library code.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Training tests compile the same steps several times (a run, its resumption, the same config
+# on another workdir); XLA's persistent cache turns the repeats into lookups. Keyed by the
+# HLO, the JAX version and the flags, so a stale entry can never be used.
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get(
+        "MPDNN_TEST_JAX_CACHE",
+        os.path.join(tempfile.gettempdir(), f"mpdnn-test-jax-cache-{os.getuid()}"),
+    ),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # jit compiles dominate example time; deadlines would only measure the compiler.
 settings.register_profile(

@@ -1,11 +1,8 @@
-"""The Gaussian experiment (paper Fig. 3) and the placeholder ``python -m mpdnn.train``."""
+"""The Gaussian experiment (paper Fig. 3)."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -75,30 +72,3 @@ def test_verdict_is_computed_not_assumed():
     bad[keys[5]] = summary(keys[5], 0.5, osc=1.0)  # P3 lowest but oscillating
     v = gaussian.verdict(bad)
     assert not v["uniform"].holds and not v["pow2"].holds
-
-
-def test_train_entry_point_runs_the_gaussian_experiment_and_says_so(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "mpdnn.train", "--workdir", str(tmp_path), "--steps", "20"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "trainer is not built yet" in result.stdout
-    assert "Gaussian" in result.stdout
-    record = json.loads((tmp_path / "gaussian_mse.json").read_text())
-    assert set(record["cases"]) == {gaussian.case_id(f, p) for f, p in gaussian.CASES}
-    assert record["provenance"]["command"].startswith("python -m mpdnn.train")
-
-
-def test_train_entry_point_rejects_bad_arguments_in_one_line():
-    result = subprocess.run(
-        [sys.executable, "-m", "mpdnn.train", "--model", "resnet20"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in result.stderr

@@ -9,17 +9,20 @@ from flax import nnx
 from mpdnn.models.mobilenet_v2 import MobileNetV2, mobilenet_v2
 from mpdnn.models.resnet_cifar import ResNetCifar, resnet20
 from mpdnn.models.resnet_imagenet import ResNetImageNet, resnet18
+from mpdnn.models.small_cnn import SmallCNN, small_cnn
 
 #: name → constructor ``(num_classes, *, rngs, **kwargs) -> nnx.Module``.
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     "resnet20": resnet20,
     "resnet18": resnet18,
     "mobilenet_v2": mobilenet_v2,
+    "small_cnn": small_cnn,
 }
 
 
 def build(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
-    """Build a float model by name (``resnet20``, ``resnet18``, ``mobilenet_v2``)."""
+    """Build a float model by name (``resnet20``, ``resnet18``, ``mobilenet_v2``,
+    ``small_cnn``)."""
     try:
         make = MODELS[name]
     except KeyError:
@@ -32,8 +35,10 @@ __all__ = [
     "MobileNetV2",
     "ResNetCifar",
     "ResNetImageNet",
+    "SmallCNN",
     "build",
     "mobilenet_v2",
     "resnet18",
     "resnet20",
+    "small_cnn",
 ]

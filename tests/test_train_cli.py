@@ -1,0 +1,47 @@
+"""``python -m mpdnn.train``: the table, exit statuses and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mpdnn.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+def test_smoke_prints_the_table(tmp_path):
+    proc = run("--config", "experiments/digits.py:smoke", "--workdir", str(tmp_path))
+    # Two steps cannot meet the budget: the run must say so with status 3, not hide it.
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "NO evaluation of learned met every budget" in proc.stderr
+    for name in ("float", "fixed", "learned"):
+        assert any(line.startswith(name) for line in proc.stdout.splitlines()), proc.stdout
+        assert (tmp_path / name / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--config.model.name=resnet99", "model.name='resnet99' is unknown"),
+        ("--config.budget.weight_kb=-1", "budget.weight_kb=-1.0 must be > 0 KB"),
+        ("--config.quant.weights.family=int", "family='int' is unknown"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(tmp_path, flag, message):
+    proc = run("--workdir", str(tmp_path), flag, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0]

@@ -1,0 +1,185 @@
+"""The trainer end to end on CPU: resume exactness, bad input, budgets, non-finite loss."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mpdnn import optim
+from mpdnn.training import config as cfg
+from mpdnn.training.checkpoint import Checkpointer
+from mpdnn.training.trainer import TrainingError, build_model, load_data, train_and_evaluate
+
+
+def tiny_config(**train):
+    """A small CNN on synthetic 8×8 data: a few steps compile and run in seconds."""
+    c = cfg.base_config()
+    c.name = "tiny"
+    c.model.name = "small_cnn"
+    c.model.widths = (8, 8)
+    c.data.name = "synthetic"
+    c.data.synthetic_shape = (8, 8, 1)
+    c.data.synthetic_train = 64
+    c.data.synthetic_test = 32
+    c.data.pad = 1
+    c.train.batch_size = 16  # 4 steps per epoch
+    c.train.eval_batch_size = 32
+    c.train.epochs = 2
+    c.train.steps_per_call = 2
+    c.train.progress = False
+    c.optim.learning_rate = 0.05
+    c.optim.decay_epochs = (1,)
+    c.quant.weights.mode = "learned"
+    c.quant.weights.bits = 4
+    c.quant.activations.mode = "learned"
+    c.quant.activations.bits = 4
+    c.budget.weight_kb = 0.5
+    for key, value in train.items():
+        setattr(c.train, key, value)
+    return c
+
+
+def restore_state(workdir, config):
+    """The latest checkpointed train state of a run, restored by structure."""
+    dataset = load_data(config)
+    model = build_model(config, dataset, workdir)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    with Checkpointer(workdir / "final", async_save=False) as ckpt:
+        step, state, _ = ckpt.restore({"params": params, "rest": rest})
+    return step, state
+
+
+def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path):
+    config = tiny_config()
+    whole = train_and_evaluate(config, tmp_path / "whole")
+    assert whole.status == "completed" and whole.step == 8
+
+    stopped = train_and_evaluate(config, tmp_path / "split", should_stop=lambda step: step >= 3)
+    # Stops at the first call boundary at or after step 3 (2 steps per call).
+    assert stopped.status == "stopped" and stopped.step == 4
+    assert not (tmp_path / "split" / "final").exists()
+    resumed = train_and_evaluate(config, tmp_path / "split")
+    assert resumed.status == "completed" and resumed.step == 8
+
+    _, a = restore_state(tmp_path / "whole", config)
+    _, b = restore_state(tmp_path / "split", config)
+    leaves_a = jax.tree.leaves(a)
+    leaves_b = jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 10
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert resumed.final_test_error == whole.final_test_error
+
+    lines = [json.loads(s) for s in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines if r["type"] == "train"]
+    assert steps == [2, 4, 6, 8]  # nothing trained twice, nothing skipped
+
+
+def test_outputs_and_verdicts(tmp_path):
+    result = train_and_evaluate(tiny_config(), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["provenance"]["git_commit"]
+    assert summary["budgets"] == {"weight_kb": 0.5}
+    verdict = summary["verdicts"]["weight_kb"]
+    assert verdict["final_met"] == (verdict["final_kb"] <= 0.5)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["kind"] for r in report["layers"]].count("weight") == len(
+        [r for r in result.layers if r["kind"] == "weight"]
+    )
+    assert (tmp_path / "bitwidths.png").stat().st_size > 1000
+    evals = [
+        json.loads(s)
+        for s in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if '"eval"' in s
+    ]
+    assert len(evals) == 2  # one per epoch
+    assert all("blocks.0.conv.kernel" in r["bits"] for r in evals)
+    # The feasibility flag agrees with the sizes and the budget it was judged against.
+    for r in evals:
+        assert r["feasible"] == (r["weight_kb"] <= 0.5)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("model.name", "resnet99", "model.name='resnet99' is unknown"),
+        ("data.name", "mnist", "data.name='mnist' is unknown"),
+        ("quant.weights.parametrization", "b_x", "parametrization='b_x' is unknown"),
+        ("quant.weights.d_range", (1.0, 0.1), "d_range is inverted"),
+        ("budget.weight_kb", 0.0, "must be > 0 KB"),
+        ("budget.weight_kb", 0.01, "below the smallest model possible"),
+        ("data.dir", "/nonexistent/cifar.tar.gz", "/nonexistent/cifar.tar.gz"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, key, value, message):
+    config = tiny_config()
+    if key == "data.dir":
+        config.data.name = "cifar10"
+    section, name = key.rsplit(".", 1)
+    node = config
+    for part in section.split("."):
+        node = getattr(node, part)
+    setattr(node, name, value)
+    with pytest.raises(ValueError) as err:
+        train_and_evaluate(config, tmp_path)
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_budget_below_minimum_prints_the_minimum(tmp_path):
+    config = tiny_config()
+    dataset = load_data(config)
+    model = build_model(config, dataset, tmp_path)
+    # Independent count: every learned weight site at b_min = 2 bits (SPEC §2 weight box).
+    numel = sum(
+        int(np.prod(x.shape))
+        for path, x in nnx.iter_graph(model)
+        if isinstance(x, nnx.Param)
+        and path[-1] in ("kernel", "bias")
+        and "bn" not in [str(p) for p in path]
+    )
+    expected_kb = numel * 2 / 8192
+    assert optim.Accounting.from_model(model).min_sizes()["weight_kb"] == pytest.approx(expected_kb)
+    config.budget.weight_kb = expected_kb * 0.9
+    with pytest.raises(cfg.ConfigError, match=f"{expected_kb:.3f} KB"):
+        train_and_evaluate(config, tmp_path)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(checkpoint_every_epochs=1)
+    config.train.epochs = 3
+    stopped = train_and_evaluate(config, tmp_path, should_stop=lambda step: step >= 4)
+    assert stopped.step == 4
+    # Resume with a learning rate that overflows the parameters at once.
+    config.optim.learning_rate = float("inf")
+    with pytest.raises(TrainingError) as err:
+        train_and_evaluate(config, tmp_path)
+    text = str(err.value)
+    assert "\n" not in text
+    assert "not finite at step 6" in text  # step 5 runs at the good parameters
+    assert "checkpoint (step 4)" in text
+    with Checkpointer(tmp_path / "checkpoints", async_save=False) as ckpt:
+        assert ckpt.latest_step() == 4
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, capfd):
+    config = tiny_config(checkpoint_every_epochs=1)
+    config.train.epochs = 3
+    stopped = train_and_evaluate(config, tmp_path, should_stop=lambda step: step >= 8)
+    assert stopped.step == 8
+    with Checkpointer(tmp_path / "checkpoints", async_save=False) as ckpt:
+        assert ckpt.all_steps() == [4, 8]
+    # Destroy the array data of the latest checkpoint.
+    latest = tmp_path / "checkpoints" / "8"
+    for f in latest.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"garbage")
+    result = train_and_evaluate(config, tmp_path)
+    assert result.status == "completed" and result.step == 12
+    err = capfd.readouterr().err
+    assert "step 8" in err and "falling back to step 4" in err
