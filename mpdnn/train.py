@@ -19,6 +19,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -26,13 +27,32 @@ from ml_collections import config_flags
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "digits.py"
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    default=str(DEFAULT_CONFIG),
-    help_string="experiment config file, optionally with ':arg' (default: the digits experiment)",
-    lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default runs/<config name>)")
+_FLAGS: dict = {}
+
+
+def define_flags() -> None:
+    """Define ``--config`` and ``--workdir`` (once). ml_collections reads the
+    ``--config.key=value`` overrides from ``sys.argv`` while defining, so this runs in
+    :func:`run`, not at import, and a bad override is a one-line error."""
+    if _FLAGS:
+        return
+    try:
+        _FLAGS["config"] = config_flags.DEFINE_config_file(
+            "config",
+            default=str(DEFAULT_CONFIG),
+            help_string="experiment config file, optionally with ':arg' (default: the digits "
+            "experiment)",
+            lock_config=True,
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        text = str(err.args[0]) if err.args else str(err)  # KeyError's str() is a repr
+        for junk in ("\\n", "\\", "'", '"'):
+            text = text.replace(junk, " ")
+        key = " ".join(text.split())
+        _usage_error(f"bad --config override: no key {key}")
+    _FLAGS["workdir"] = flags.DEFINE_string(
+        "workdir", None, "output directory (default runs/<config name>)"
+    )
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -75,6 +95,38 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _one_line(err: BaseException) -> str:
+    """The last non-empty line of an error's text: absl and ml_collections wrap config
+    loading errors in tracebacks; the line that matters comes last."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(f"mpdnn.train: error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser with bad flags (or a config file that fails to load) as one line."""
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as err:
+        _usage_error(_one_line(err))
+    if len(rest) > 1:
+        _usage_error(f"unexpected arguments {' '.join(rest[1:])!r}")
+    return rest
+
+
+def _load_config():
+    try:
+        config = _FLAGS["config"].value
+        config.to_dict()  # ml_collections loads lazily: fail here, not mid-run
+        return config
+    except (OSError, AttributeError, KeyError, TypeError, ValueError) as err:
+        _usage_error(f"cannot load the config: {_one_line(err)}")
+
+
 def _on_sigterm(signum, frame) -> None:
     from mpdnn.training.trainer import STOP_REQUESTED
 
@@ -82,8 +134,6 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}")
     # absl would print every INFO line of JAX's (e.g. "Unable to initialize backend 'tpu'").
     absl_logging.set_verbosity(absl_logging.WARNING)
     from mpdnn.data import DataError
@@ -91,8 +141,8 @@ def main(argv) -> None:
     from mpdnn.training.checkpoint import CheckpointError
     from mpdnn.training.trainer import TrainingError, train_and_evaluate
 
-    config = _CONFIG.value
-    workdir = Path(_WORKDIR.value or Path("runs") / config.name)
+    config = _load_config()
+    workdir = Path(_FLAGS["workdir"].value or Path("runs") / config.name)
     signal.signal(signal.SIGTERM, _on_sigterm)
     results = {}
     try:
@@ -126,7 +176,8 @@ def main(argv) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -32,16 +32,25 @@ def test_smoke_prints_the_table(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("flag", "message"),
+    ("flags", "message"),
     [
-        ("--config.model.name=resnet99", "model.name='resnet99' is unknown"),
-        ("--config.budget.weight_kb=-1", "budget.weight_kb=-1.0 must be > 0 KB"),
-        ("--config.quant.weights.family=int", "family='int' is unknown"),
+        (["--config.model.name=resnet99"], "model.name='resnet99' is unknown"),
+        (["--config.budget.weight_kb=-1"], "budget.weight_kb=-1.0 must be > 0 KB"),
+        (["--config.quant.weights.family=int"], "family='int' is unknown"),
+        (["--config.model.nme=x"], "no key nme"),
+        (["--config", "experiments/nonexistent.py"], "No such file or directory"),
+        (["--config", "experiments/digits.py:bogus"], "unknown digits config argument"),
+        (["--config.train.epochs=abc"], "--config.train.epochs=abc"),
+        (["stray"], "unexpected arguments 'stray'"),
+        (["--config.data.name=cifar10", "--config.data.dir=/nope"], "/nope"),
     ],
 )
-def test_bad_input_is_one_line_and_status_2(tmp_path, flag, message):
-    proc = run("--workdir", str(tmp_path), flag, timeout=120)
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+def test_bad_input_is_one_line_and_status_2(tmp_path, flags, message):
+    proc = run("--workdir", str(tmp_path), *flags, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [
+        line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("==")
+    ]
     assert len(lines) == 1, proc.stderr
     assert message in lines[0]
+    assert lines[0].startswith("mpdnn.train: error:")
