@@ -1,9 +1,11 @@
 """CIFAR-10 from whatever this machine has: a prepared tfds dataset or the shared JPEG copy.
 
-No machine here reaches the internet (SPEC §11), so nothing may try to download: a prepared
-tfds ``cifar10`` (array_record) is used when it is on disk, else the shared lossy-JPEG copy
-``cifar10-jpeg.tar.gz`` (decoded once, then cached; see :mod:`mpdnn.data.image_folder`), else
-a one-line :class:`DataError` that says which option to pass.
+In this order: a prepared tfds ``cifar10`` (array_record) on disk; the shared lossy-JPEG copy
+``cifar10-jpeg.tar.gz`` (decoded once, then cached; see :mod:`mpdnn.data.image_folder`); tfds
+building it (only where TensorFlow, the ``tf`` extra, is installed *and* the download host
+answers within 2 s: tfds offline would retry for minutes); else a one-line
+:class:`DataError` that says which option to pass. No machine here reaches the internet
+(SPEC §11), so the last two never apply here.
 """
 
 from __future__ import annotations
@@ -40,6 +42,29 @@ def find_cifar10_archive() -> Path | None:
         if candidate and Path(candidate).expanduser().exists():
             return Path(candidate).expanduser()
     return None
+
+
+def _can_build_with_tfds(host: str = "storage.googleapis.com", timeout_s: float = 2.0) -> bool:
+    """Whether tfds can build cifar10 here: TensorFlow installed (the ``tf`` extra; checked
+    first, without importing it) and the download host reachable within ``timeout_s``."""
+    import importlib.util
+    import socket
+
+    if importlib.util.find_spec("tensorflow") is None:
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def _build_with_tfds() -> None:
+    """Download and prepare tfds ``cifar10`` as array_record in tfds's default data_dir."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("cifar10", file_format="array_record")
+    builder.download_and_prepare()
 
 
 def _from_tfds(data_dir: str | os.PathLike | None, max_per_class: int | None) -> ArrayDataset:
@@ -103,6 +128,9 @@ def load_cifar10(
     elif (archive := find_cifar10_archive()) is not None:
         ds = load_image_folder(archive, cache_dir=cache_dir, max_per_class=max_per_class)
         origin = f"CIFAR-10, shared local copy (lossy JPEG q75, SPEC §11): {ds.description}"
+    elif _can_build_with_tfds():
+        _build_with_tfds()
+        return _from_tfds(None, max_per_class)
     else:
         raise DataError(NOT_FOUND)
     if ds.class_names != CIFAR10_CLASSES:

@@ -91,3 +91,37 @@ def test_explicit_folder_with_other_classes(tmp_path):
     files = {f"{s}/{c}/0.jpg": buffer.getvalue() for s in ("train", "test") for c in ("a", "b")}
     with pytest.raises(DataError, match="not the 10 CIFAR-10 classes"):
         load_cifar10(write_tar(tmp_path / "c.tar.gz", files), cache_dir=tmp_path / "cache")
+
+
+def test_online_with_tensorflow_builds_through_tfds(monkeypatch, no_tfds):
+    monkeypatch.setattr(cifar10, "find_cifar10_archive", lambda: None)
+    calls = []
+    monkeypatch.setattr(cifar10, "_can_build_with_tfds", lambda: True)
+    monkeypatch.setattr(cifar10, "_build_with_tfds", lambda: calls.append("build"))
+    monkeypatch.setattr(cifar10, "_from_tfds", lambda d, m: calls.append(("read", d, m)) or "ds")
+    assert load_cifar10(max_per_class=3) == "ds"
+    assert calls == ["build", ("read", None, 3)]
+
+
+def test_without_tensorflow_nothing_touches_the_network(monkeypatch):
+    import importlib.util
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network touched")
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    assert cifar10._can_build_with_tfds() is False
+
+
+def test_unreachable_network_is_not_online(monkeypatch):
+    import importlib.util
+    import socket
+
+    def refused(*args, **kwargs):
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(socket, "create_connection", refused)
+    assert cifar10._can_build_with_tfds() is False
