@@ -1,13 +1,15 @@
 """``python -m mpdnn.train``: train an experiment config (SPEC §6–8).
 
     python -m mpdnn.train [--config experiments/<name>.py[:arg]] [--workdir DIR]
-                          [--config.key=value ...]
+                          [--config.key=value ...] [--distributed]
 
 With no flags it runs the default experiment (:mod:`mpdnn.configs.digits`: float vs fixed
 2-bit vs learned mixed precision under one weight budget on scikit-learn's digits, about a
 minute on a laptop CPU) and prints one table. ``--workdir`` defaults to ``runs/<name>``; a
 workdir that holds checkpoints is resumed from its latest readable one. A config with
-``variants`` trains each in ``<workdir>/<variant>`` and prints them side by side.
+``variants`` trains each in ``<workdir>/<variant>`` and prints them side by side. On many
+hosts, start one process per host with ``--distributed`` (``jax.distributed.initialize``):
+the mesh then spans every device of every host, and only process 0 writes logs and reports.
 
 Exit status: 0 done; 1 training failed (e.g. a non-finite loss: the last good checkpoint is
 kept); 2 bad input (one line on stderr); 3 a run with budgets ended with no evaluation that
@@ -52,6 +54,12 @@ def define_flags() -> None:
         _usage_error(f"bad --config override: no key {key}")
     _FLAGS["workdir"] = flags.DEFINE_string(
         "workdir", None, "output directory (default runs/<config name>)"
+    )
+    _FLAGS["distributed"] = flags.DEFINE_bool(
+        "distributed",
+        False,
+        "call jax.distributed.initialize() first, one process per host; it finds the "
+        "coordinator from the cluster environment (Cloud TPU, SLURM, Open MPI, Kubernetes)",
     )
 
 
@@ -142,6 +150,10 @@ def main(argv) -> None:
     from mpdnn.training.trainer import TrainingError, train_and_evaluate
 
     config = _load_config()
+    if _FLAGS["distributed"].value:
+        import jax
+
+        jax.distributed.initialize()
     workdir = Path(_FLAGS["workdir"].value or Path("runs") / config.name)
     signal.signal(signal.SIGTERM, _on_sigterm)
     results = {}

@@ -72,15 +72,18 @@ class MetricsWriter:
 class Progress:
     """A progress bar over training steps with rate and ETA (``tqdm`` when installed)."""
 
-    def __init__(self, total: int, initial: int, *, enabled: bool, desc: str):
+    def __init__(self, total: int, initial: int, *, enabled: bool, desc: str, bar: bool = True):
+        """``enabled=False``: silent (processes other than 0); ``bar=False``: no bar, but
+        evaluation lines (:meth:`write`) still print."""
         self.enabled = enabled
+        self.show_bar = bar
         self._bar = None
         self._total = total
         self._step = initial
         self._start = time.perf_counter()
         self._initial = initial
         self._last_print = 0.0
-        if not enabled:
+        if not (enabled and bar):
             return
         try:
             from tqdm import tqdm
@@ -97,7 +100,7 @@ class Progress:
         )
 
     def update(self, step: int, postfix: Mapping[str, float]) -> None:
-        if not self.enabled:
+        if not (self.enabled and self.show_bar):
             return
         text = " ".join(f"{k}={v:.4g}" for k, v in postfix.items())
         if self._bar is not None:

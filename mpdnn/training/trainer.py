@@ -419,7 +419,7 @@ def train_and_evaluate(
 
     writer = MetricsWriter(workdir, enabled=chief)
     progress = Progress(
-        plan.total_steps, step, enabled=chief and config.train.progress, desc=config.name
+        plan.total_steps, step, enabled=chief, desc=config.name, bar=config.train.progress
     )
     status = "completed"
     last_eval = None
