@@ -334,21 +334,27 @@ def _test_arrays(dataset: mdata.ArrayDataset, eval_batch: int):
 
 
 def make_inspect(accounting: optim.Accounting):
-    """A jitted ``params -> (sizes, {tensor: bits})`` for logging (eager, the bitwidth
-    graph would compile op by op at every evaluation)."""
-    from mpdnn.optim.accounting import grouped_bits
+    """A jitted ``params -> (sizes, {tensor: bits}, {tensor: KB})`` for logging (eager, the
+    bitwidth graph would compile op by op at every evaluation)."""
+    from mpdnn.optim.accounting import KB, grouped_bits
 
     names = [f"{q.site}.{q.tensor}" for q in accounting.quantizers]
+    numels = [q.numel for q in accounting.quantizers]
 
     @jax.jit
     def inspect(params):
         thetas = [(q.spec, accounting.theta(params, q)) for q in accounting.quantizers]
         bits = [jnp.mean(b) for b in grouped_bits(thetas)]
-        return accounting(params), dict(zip(names, bits, strict=True))
+        return accounting(params), bits
 
-    def host(params) -> tuple[dict[str, float], dict[str, float]]:
+    def host(params, *, per_tensor: bool = False):
         sizes, bits = inspect(_local(params))
-        return {k: float(v) for k, v in sizes.items()}, {k: float(v) for k, v in bits.items()}
+        sizes = {k: float(v) for k, v in sizes.items()}
+        if not per_tensor:
+            return sizes
+        bits = [float(b) for b in bits]
+        kb = {n: m * b / KB for n, m, b in zip(names, numels, bits, strict=True)}
+        return sizes, dict(zip(names, bits, strict=True)), kb
 
     return host
 
@@ -481,7 +487,7 @@ def train_and_evaluate(
             elif budgets and config.train.eval_when_feasible:
                 # The authors evaluate whenever the budgets are met, to keep the best
                 # feasible model; bits flip often near the budget, so epoch ends miss most.
-                if _feasible(inspect(state["params"])[0], budgets):
+                if _feasible(inspect(state["params"]), budgets):
                     last_eval = run_eval(state, step)
             stop = STOP_REQUESTED.is_set() or (should_stop is not None and should_stop(step))
             if (
@@ -524,8 +530,8 @@ def train_and_evaluate(
         nnx.merge(graphdef, *_local((delivered["params"], delivered["rest"]))),
         name=config.model.name,
     )
-    final_sizes, _ = inspect(state["params"])
-    delivered_sizes, _ = inspect(delivered["params"])
+    final_sizes = inspect(state["params"])
+    delivered_sizes = inspect(delivered["params"])
     result = RunResult(
         workdir=str(workdir),
         status=status,
@@ -579,7 +585,7 @@ def _evaluate(
     wrong, ce = evaluate(state["params"], state["rest"], *test)
     n = num_test
     error = float(_local(wrong)) / n
-    sizes, bits = inspect(state["params"])
+    sizes, bits, kb = inspect(state["params"], per_tensor=True)
     feasible = _feasible(sizes, budgets)
     record = {
         "epoch": step / steps_per_epoch,
@@ -588,6 +594,7 @@ def _evaluate(
         **sizes,
         "feasible": feasible,
         "bits": bits,
+        "kb": kb,
     }
     budget_state = optim.budget_values(state["opt_state"])
     if budget_state is not None:

@@ -98,6 +98,11 @@ def test_outputs_and_verdicts(tmp_path):
     ]
     assert len(evals) == 2  # one per epoch
     assert all("blocks.0.conv.kernel" in r["bits"] for r in evals)
+    for r in evals:  # per-tensor KB = numel · bits / 8192 and they add up to the total
+        kernel = r["kb"]["blocks.0.conv.kernel"]
+        assert kernel == pytest.approx(3 * 3 * 1 * 8 * r["bits"]["blocks.0.conv.kernel"] / 8192)
+        weights = [v for k, v in r["kb"].items() if k.endswith(("kernel", "bias"))]
+        assert sum(weights) == pytest.approx(r["weight_kb"], rel=1e-5)
     # The feasibility flag agrees with the sizes and the budget it was judged against.
     for r in evals:
         assert r["feasible"] == (r["weight_kb"] <= 0.5)
