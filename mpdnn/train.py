@@ -135,6 +135,45 @@ def _load_config():
         _usage_error(f"cannot load the config: {_one_line(err)}")
 
 
+def write_table(workdir: Path, config, results: dict, table: str) -> None:
+    """``table.md`` (the printed table with its command and provenance) and ``table.json``
+    (every run's summary) in ``workdir``: what a ``results/`` entry is made from."""
+    import dataclasses
+    import json
+    import shlex
+    import time
+
+    import jax
+
+    from mpdnn.provenance import provenance
+
+    if jax.process_index() != 0:
+        return
+    command = shlex.join(["python", "-m", "mpdnn.train", *sys.argv[1:]])
+    wall = sum(r.wall_time_s for r in results.values())
+    prov = provenance(command, wall_time_s=wall, seed=config.seed)
+    runs = {}
+    for name, r in results.items():
+        record = dataclasses.asdict(r)
+        record["weight_bits"] = {
+            f"{row['path']}.{row['tensor']}": row["bits"]
+            for row in record.pop("layers")
+            if row["kind"] == "weight"
+        }
+        runs[name or config.name] = record
+    record = {"experiment": config.name, "provenance": prov, "runs": runs}
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "table.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    (workdir / "table.md").write_text(
+        f"# {config.name}\n\n```\n{table}\n```\n\n"
+        f"- command: `{command}`\n- commit: `{prov['git_commit']}`"
+        f"{' (with uncommitted changes)' if prov['uncommitted'] else ''}\n"
+        f"- machine: {prov['machine']}, {prov['cpus']} CPUs; devices: {prov['device_kind']}\n"
+        f"- date: {date}; wall time {wall:.0f} s (all runs); seed {config.seed}\n"
+    )
+
+
 def _on_sigterm(signum, frame) -> None:
     from mpdnn.training.trainer import STOP_REQUESTED
 
@@ -174,9 +213,11 @@ def main(argv) -> None:
     except (TrainingError, CheckpointError) as err:
         print(f"mpdnn.train: training failed: {err}", file=sys.stderr)
         sys.exit(1)
+    table = format_table(results)
     print()
-    print(format_table(results))
-    print(f"results in {workdir} (summary.json, report.json, bitwidths.png per run)")
+    print(table)
+    write_table(workdir, config, results, table)
+    print(f"results in {workdir} (table.md, table.json; summary.json, report.json per run)")
     infeasible = [n or config.name for n, r in results.items() if r.feasible is False]
     if infeasible:
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,10 @@ def test_smoke_prints_the_table(tmp_path):
     for name in ("float", "fixed", "learned"):
         assert any(line.startswith(name) for line in proc.stdout.splitlines()), proc.stdout
         assert (tmp_path / name / "summary.json").is_file()
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert set(table["runs"]) == {"float", "fixed", "learned"}
+    assert table["runs"]["learned"]["feasible"] is False
+    assert "experiments/digits.py:smoke" in (tmp_path / "table.md").read_text()
 
 
 @pytest.mark.parametrize(
