@@ -291,8 +291,23 @@ def make_steps(
         return new_state, metrics
 
     @partial(jax.jit, donate_argnums=0, out_shardings=replicated)
-    def train_chunk(state, idx, images, labels):
+    def scanned_chunk(state, idx, images, labels):
         return jax.lax.scan(lambda s, i: step(s, i, images, labels), state, idx)
+
+    one_step = jax.jit(step, donate_argnums=0, out_shardings=replicated)
+
+    def looped_chunk(state, idx, images, labels):
+        metrics = []
+        for i in range(idx.shape[0]):
+            state, m = one_step(state, idx[i], images, labels)
+            metrics.append(m)
+        return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+
+    # XLA:CPU runs convolutions inside a while loop (lax.scan) far slower than outside one
+    # (measured here: a ResNet-20 gradient at batch 64, 0.71 s plain, 10.5 s per step
+    # scanned), so on CPU a chunk is a Python loop of jitted steps; accelerators scan.
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    train_chunk = looped_chunk if on_cpu else scanned_chunk
 
     @partial(jax.jit, out_shardings=replicated)
     def evaluate(params, rest, images, labels, mask):
