@@ -309,20 +309,29 @@ def make_steps(
     on_cpu = mesh.devices.flat[0].platform == "cpu"
     train_chunk = looped_chunk if on_cpu else scanned_chunk
 
+    def eval_batch(params, rest, x, y, m):
+        """Wrong predictions and summed cross-entropy of one masked test batch."""
+        x = jax.lax.with_sharding_constraint(mdata.normalize(x, scale, offset), batch)
+        logits = nnx.merge(eval_graphdef, params, rest, copy=True)(x)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum((jnp.argmax(logits, -1) != y) & m), jnp.sum(ce * m)
+
     @partial(jax.jit, out_shardings=replicated)
-    def evaluate(params, rest, images, labels, mask):
+    def scanned_eval(params, rest, images, labels, mask):
         def one(carry, xs):
-            x, y, m = xs
-            x = jax.lax.with_sharding_constraint(mdata.normalize(x, scale, offset), batch)
-            model = nnx.merge(eval_graphdef, params, rest, copy=True)
-            logits = model(x)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-            wrong = (jnp.argmax(logits, -1) != y) & m
-            return (carry[0] + jnp.sum(wrong), carry[1] + jnp.sum(ce * m)), None
+            wrong, ce = eval_batch(params, rest, *xs)
+            return (carry[0] + wrong, carry[1] + ce), None
 
-        (wrong, ce), _ = jax.lax.scan(one, (jnp.int32(0), jnp.float32(0.0)), (images, labels, mask))
-        return wrong, ce
+        zero = (jnp.int32(0), jnp.float32(0.0))
+        return jax.lax.scan(one, zero, (images, labels, mask))[0]
 
+    one_eval = jax.jit(eval_batch, out_shardings=replicated)
+
+    def looped_eval(params, rest, images, labels, mask):
+        results = [one_eval(params, rest, images[i], labels[i], mask[i]) for i in range(len(mask))]
+        return sum(r[0] for r in results), sum(r[1] for r in results)
+
+    evaluate = looped_eval if on_cpu else scanned_eval
     return train_chunk, evaluate
 
 
