@@ -70,8 +70,9 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 def format_table(results: dict) -> str:
     """One row per run: the delivered model's accuracy, weight and activation KB against the
     budgets, verdict and per-layer weight bits, and the final epoch's accuracy beside it."""
+    width = max([10, *(len(name or r.name) for name, r in results.items())])
     header = (
-        f"{'run':<10} {'test acc':>8} {'weight KB':>10} {'budget':>8} {'act max KB':>10}  "
+        f"{'run':<{width}} {'test acc':>8} {'weight KB':>10} {'budget':>8} {'act max KB':>10}  "
         f"{'verdict':<14} {'final acc':>9}  weight bits per layer"
     )
     lines = [header, "-" * len(header)]
@@ -91,7 +92,7 @@ def format_table(results: dict) -> str:
             if row["kind"] == "weight" and row["tensor"] == "kernel"
         )
         lines.append(
-            f"{name or 'run':<10} {_fmt(acc, '.4f'):>8} "
+            f"{name or r.name:<{width}} {_fmt(acc, '.4f'):>8} "
             f"{r.delivered_sizes['weight_kb']:>10.3f} {_fmt(budget, '.2f'):>8} "
             f"{r.delivered_sizes['act_max_kb']:>10.2f}  {verdict:<14} {_fmt(final, '.4f'):>9}  "
             f"{bits}"

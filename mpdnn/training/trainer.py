@@ -74,6 +74,7 @@ class TrainingError(RuntimeError):
 class RunResult:
     """What a run delivered; ``summary.json`` holds the same as JSON."""
 
+    name: str  # the config's name
     workdir: str
     status: str  # "completed" or "stopped" (checkpointed, resumable)
     step: int
@@ -557,6 +558,7 @@ def train_and_evaluate(
     final_sizes = inspect(state["params"])
     delivered_sizes = inspect(delivered["params"])
     result = RunResult(
+        name=config.name,
         workdir=str(workdir),
         status=status,
         step=step,
@@ -665,7 +667,6 @@ def _write_outputs(workdir: Path, config, result: RunResult, layer_report: dict)
     command = shlex.join(["python", *sys.argv])
     summary = result.to_json()
     summary.pop("layers")
-    summary["name"] = config.name
     summary["provenance"] = provenance(command, wall_time_s=result.wall_time_s, seed=config.seed)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     (workdir / "report.json").write_text(json.dumps(layer_report, indent=1) + "\n")
