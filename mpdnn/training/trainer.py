@@ -29,6 +29,7 @@ and ``python -m mpdnn.train`` exits with status 3.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -398,12 +399,41 @@ def train_and_evaluate(
     checkpoints). ``should_stop(step)`` is asked after every jitted call; when it (or
     :data:`STOP_REQUESTED`) says stop, the run checkpoints and returns ``status="stopped"``.
     """
-    start = time.perf_counter()
     cfg.check(config)
     workdir = Path(workdir)
+    with _workdir_lock(workdir):
+        return _train_and_evaluate(config, workdir, should_stop)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path):
+    """One run per workdir: process 0 holds an exclusive ``flock`` on ``<workdir>/.lock``
+    while it runs (two runs would overwrite each other's checkpoints). The OS drops the lock
+    when the process dies, even by SIGKILL, so it never goes stale."""
+    if jax.process_index() != 0:
+        yield
+        return
+    import fcntl
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise TrainingError(
+                f"another run is using {workdir} (it holds {workdir / '.lock'}); wait for it "
+                "to finish or choose another --workdir"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _train_and_evaluate(config, workdir: Path, should_stop) -> RunResult:
+    start = time.perf_counter()
     chief = jax.process_index() == 0
     if chief:
-        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json(indent=1) + "\n")
 
     dataset = load_data(config)

@@ -188,3 +188,16 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, capfd):
     assert result.status == "completed" and result.step == 12
     err = capfd.readouterr().err
     assert "step 8" in err and "falling back to step 4" in err
+
+
+def test_a_workdir_in_use_is_refused(tmp_path):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running trainer holds it
+        with pytest.raises(TrainingError, match="another run is using"):
+            train_and_evaluate(tiny_config(), tmp_path)
+    # Released (as when that run ends or is killed): the workdir is usable again.
+    result = train_and_evaluate(tiny_config(max_steps=1, steps_per_call=1), tmp_path)
+    assert result.step == 1
