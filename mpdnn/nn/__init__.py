@@ -2,6 +2,7 @@
 
 from mpdnn.nn.layers import (
     ActQuant,
+    LogitScale,
     QConv,
     QLinear,
     QuantizedWeights,
@@ -16,6 +17,7 @@ from mpdnn.nn.rules import Rule, quantizable_sites, quantize_model
 __all__ = [
     "FLOAT",
     "ActQuant",
+    "LogitScale",
     "QConv",
     "QLinear",
     "QuantConfig",

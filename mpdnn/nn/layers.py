@@ -207,3 +207,24 @@ def record_activation_shapes(model: nnx.Module, input_shape: Sequence[int]) -> N
         sites[i].site_index = order
         if isinstance(sites[i], ActQuant):
             sites[i].shape = shape
+
+
+class LogitScale(nnx.Module):
+    """``scale · model(x)`` with one learnable scalar ``scale`` (init 1).
+
+    The authors' code gives power-of-two networks this scalar on the logits (SPEC §6): with
+    pow2 weights the classifier's output can only move in factors of two, and a free scale
+    restores the softmax temperature. The wrapped model keeps its parameters and paths under
+    ``model.`` (rules such as ``".*"`` still match every site).
+    """
+
+    def __init__(self, model: nnx.Module):
+        self.model = model
+        self.scale = nnx.Param(jnp.ones((), jnp.float32))
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        return getattr(self.model, "input_shape", None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.scale[...] * self.model(x)

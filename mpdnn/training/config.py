@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "resnet20"
     c.model.widths = config_dict.placeholder(tuple)  # None: the model's own
+    # A learnable scalar on the logits (nn.LogitScale); None: exactly when a kind is pow2,
+    # as the authors' code does (SPEC §6).
+    c.model.logit_scale = config_dict.placeholder(bool)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "cifar10"
@@ -157,6 +160,13 @@ def rules(config: ml_collections.ConfigDict) -> list[Rule]:
         if qc.quantized:
             out.append(Rule(".*", qc, kind=kind))
     return out
+
+
+def logit_scale(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run wraps its model in :class:`~mpdnn.nn.LogitScale`."""
+    if config.model.logit_scale is not None:
+        return bool(config.model.logit_scale)
+    return any(r.config.family == "pow2" for r in rules(config))
 
 
 def budgets(config: ml_collections.ConfigDict) -> dict[str, float]:

@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 from mpdnn import data as mdata
 from mpdnn import optim
 from mpdnn.models import build
-from mpdnn.nn import quantize_model
+from mpdnn.nn import LogitScale, quantize_model
 from mpdnn.provenance import provenance
 from mpdnn.report import report
 from mpdnn.training import config as cfg
@@ -127,7 +127,8 @@ def _resolve(path: str, workdir: Path) -> Path:
 
 
 def build_model(config: ml_collections.ConfigDict, dataset: mdata.ArrayDataset, workdir: Path):
-    """The float model, loaded from ``init.from_workdir`` if set, then quantized by rules."""
+    """The float model, loaded from ``init.from_workdir`` if set, quantized by rules and,
+    for pow2 runs, wrapped in :class:`~mpdnn.nn.LogitScale` (SPEC §6)."""
     kwargs: dict[str, Any] = {"input_shape": dataset.image_shape}
     if config.model.widths is not None:
         kwargs["widths"] = tuple(config.model.widths)
@@ -144,6 +145,8 @@ def build_model(config: ml_collections.ConfigDict, dataset: mdata.ArrayDataset, 
         source = _resolve(config.init.from_workdir, workdir)
         load_final_model(model, source)
     quantize_model(model, cfg.rules(config))
+    if cfg.logit_scale(config):
+        model = LogitScale(model)
     return model
 
 

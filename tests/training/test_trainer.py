@@ -201,3 +201,25 @@ def test_a_workdir_in_use_is_refused(tmp_path):
     # Released (as when that run ends or is killed): the workdir is usable again.
     result = train_and_evaluate(tiny_config(max_steps=1, steps_per_call=1), tmp_path)
     assert result.step == 1
+
+
+def test_pow2_runs_learn_a_logit_scale(tmp_path):
+    from mpdnn.nn import LogitScale
+
+    config = tiny_config(max_steps=2, steps_per_call=1)
+    config.quant.weights.family = "pow2"
+    config.quant.activations.family = "pow2"
+    config.budget.weight_kb = None
+    dataset = load_data(config)
+    model = build_model(config, dataset, tmp_path)
+    assert isinstance(model, LogitScale) and float(model.scale[...]) == 1.0
+    x = dataset.test_images[:4].astype(np.float32) * dataset.pixel_scale + dataset.pixel_offset
+    model.eval()
+    model.scale[...] = 2.5
+    np.testing.assert_allclose(model(x), 2.5 * model.model(x), rtol=1e-6)
+    # The trainer trains it with everything else; uniform runs have none.
+    train_and_evaluate(config, tmp_path / "run")
+    _, state = restore_state(tmp_path / "run", config)
+    assert float(state["params"]["scale"][...]) != 1.0
+    config.quant.weights.family = config.quant.activations.family = "uniform"
+    assert not isinstance(build_model(config, dataset, tmp_path), LogitScale)
