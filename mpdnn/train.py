@@ -136,12 +136,18 @@ def _load_config():
         _usage_error(f"cannot load the config: {_one_line(err)}")
 
 
+def command() -> str:
+    """This invocation as a user would type it (``sys.argv[0]`` is the module's file)."""
+    import shlex
+
+    return shlex.join(["python", "-m", "mpdnn.train", *sys.argv[1:]])
+
+
 def write_table(workdir: Path, config, results: dict, table: str) -> None:
     """``table.md`` (the printed table with its command and provenance) and ``table.json``
     (every run's summary) in ``workdir``: what a ``results/`` entry is made from."""
     import dataclasses
     import json
-    import shlex
     import time
 
     import jax
@@ -150,9 +156,9 @@ def write_table(workdir: Path, config, results: dict, table: str) -> None:
 
     if jax.process_index() != 0:
         return
-    command = shlex.join(["python", "-m", "mpdnn.train", *sys.argv[1:]])
+    command_line = command()
     wall = sum(r.wall_time_s for r in results.values())
-    prov = provenance(command, wall_time_s=wall, seed=config.seed)
+    prov = provenance(command_line, wall_time_s=wall, seed=config.seed)
     runs = {}
     for name, r in results.items():
         record = dataclasses.asdict(r)
@@ -168,7 +174,7 @@ def write_table(workdir: Path, config, results: dict, table: str) -> None:
     date = time.strftime("%Y-%m-%d", time.gmtime())
     (workdir / "table.md").write_text(
         f"# {config.name}\n\n```\n{table}\n```\n\n"
-        f"- command: `{command}`\n- commit: `{prov['git_commit']}`"
+        f"- command: `{command_line}`\n- commit: `{prov['git_commit']}`"
         f"{' (with uncommitted changes)' if prov['uncommitted'] else ''}\n"
         f"- machine: {prov['machine']}, {prov['cpus']} CPUs; devices: {prov['device_kind']}\n"
         f"- date: {date}; wall time {wall:.0f} s (all runs); seed {config.seed}\n"
@@ -204,7 +210,7 @@ def main(argv) -> None:
         for name, run in runs.items():
             run_dir = workdir / name if name else workdir
             print(f"== {run.name}: {run_dir}", file=sys.stderr, flush=True)
-            results[name] = result = train_and_evaluate(run, run_dir)
+            results[name] = result = train_and_evaluate(run, run_dir, command=command())
             if result.status == "stopped":
                 print(f"stopped at step {result.step}; rerun the same command to resume")
                 sys.exit(143)

@@ -34,6 +34,8 @@ def test_smoke_prints_the_table(tmp_path):
     assert set(table["runs"]) == {"float", "fixed", "learned"}
     assert table["runs"]["learned"]["feasible"] is False
     assert "experiments/digits.py:smoke" in (tmp_path / "table.md").read_text()
+    summary = json.loads((tmp_path / "learned" / "summary.json").read_text())
+    assert summary["provenance"]["command"].startswith("python -m mpdnn.train --config")
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import math
+import shlex
 import sys
 import threading
 import time
@@ -397,6 +398,7 @@ def train_and_evaluate(
     workdir: str | Path,
     *,
     should_stop: Callable[[int], bool] | None = None,
+    command: str | None = None,
 ) -> RunResult:
     """Train and evaluate one run of ``config`` in ``workdir`` (resuming if it holds
     checkpoints). ``should_stop(step)`` is asked after every jitted call; when it (or
@@ -405,7 +407,8 @@ def train_and_evaluate(
     cfg.check(config)
     workdir = Path(workdir)
     with _workdir_lock(workdir):
-        return _train_and_evaluate(config, workdir, should_stop)
+        command = command or shlex.join(["python", *sys.argv])
+        return _train_and_evaluate(config, workdir, should_stop, command)
 
 
 @contextlib.contextmanager
@@ -433,7 +436,7 @@ def _workdir_lock(workdir: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _train_and_evaluate(config, workdir: Path, should_stop) -> RunResult:
+def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> RunResult:
     start = time.perf_counter()
     chief = jax.process_index() == 0
     if chief:
@@ -614,7 +617,7 @@ def _train_and_evaluate(config, workdir: Path, should_stop) -> RunResult:
     writer.write("summary", step, {k: v for k, v in result.to_json().items() if k != "layers"})
     writer.close()
     if chief and status == "completed":
-        _write_outputs(workdir, config, result, layer_report)
+        _write_outputs(workdir, config, result, layer_report, command)
     if budgets and status == "completed" and not result.feasible:
         log.error(
             "NO evaluation of %s met every budget %s: there is no deliverable model",
@@ -693,11 +696,9 @@ def _verdicts(budgets, final_sizes, best_feasible) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _write_outputs(workdir: Path, config, result: RunResult, layer_report: dict) -> None:
-    import shlex
-    import sys
-
-    command = shlex.join(["python", *sys.argv])
+def _write_outputs(
+    workdir: Path, config, result: RunResult, layer_report: dict, command: str
+) -> None:
     summary = result.to_json()
     summary.pop("layers")
     summary["provenance"] = provenance(command, wall_time_s=result.wall_time_s, seed=config.seed)
