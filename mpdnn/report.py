@@ -21,12 +21,15 @@ than 5 bits (weights) or 6 bits (activations) start with fewer, because the qmin
 the start (:mod:`mpdnn.quantizers.init`); the report shows the bits the quantizers really
 have and says so in a note.
 
-The bits are those of the **initial** quantizers of a freshly built float network. Planned:
-later it also reads a trained checkpoint. That is **not yet implemented** (there is no
-trainer or checkpoint format yet). Units (SPEC §5): 1 KB = 1024 bytes, 1 MB =
-2**20 bytes; activation memory is per sample. Bad input prints one line on stderr and exits
-with status 2. :func:`report` gives the same numbers as a JSON-able dict for other tools
-(:func:`mpdnn.plots.plot_bitwidths`).
+Without ``--workdir`` the bits are those of the **initial** quantizers of a freshly built
+float network. ``--workdir RUN`` prints instead the model a finished run of
+``python -m mpdnn.train`` delivered (``RUN/report.json``: the best evaluation that met every
+budget, or the final model without budgets), with its test error and budget verdicts.
+Units (SPEC §5): 1 KB = 1024 bytes, 1 MB = 2**20 bytes; activation memory is per sample.
+Bad input prints one line on stderr and exits with status 2. :func:`report` gives the same
+numbers as a JSON-able dict for other tools (:func:`mpdnn.plots.plot_bitwidths`).
+
+    python -m mpdnn.report --workdir runs/digits/learned [--json]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import argparse
 import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from flax import nnx
@@ -249,10 +253,49 @@ def format_table(record: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = OneLineParser(prog="python -m mpdnn.report", description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="a finished training run: report the model it delivered (instead of a fresh one)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = parser.parse_args(argv)
+    if args.workdir is not None:
+        if args.weight_bits is not None or args.act_bits is not None or args.fixed:
+            parser.error("--workdir reports a trained run; the bit flags describe a fresh model")
+        if not (args.workdir / "report.json").is_file():
+            parser.error(
+                f"no report.json in {args.workdir}: not a finished run of python -m "
+                "mpdnn.train (a running one logs its evaluations in metrics.jsonl)"
+            )
+        return args
     check_model(parser, args.model)
     return args
+
+
+def trained_report(workdir: Path) -> dict[str, Any]:
+    """The delivered model's report of a finished run, with its summary as ``run``."""
+    record = json.loads((workdir / "report.json").read_text())
+    summary_path = workdir / "summary.json"
+    record["run"] = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return record
+
+
+def _run_header(workdir: Path, run: dict[str, Any]) -> list[str]:
+    line = f"{workdir}: {run.get('name', '?')}, delivered model: {run.get('delivered') or 'none'}"
+    if run.get("delivered_test_error") is not None:
+        line += f", test error {run['delivered_test_error']:.4f}"
+    if run.get("final_test_error") is not None:
+        line += f" (final epoch {run['final_test_error']:.4f})"
+    lines = [line]
+    for name, v in (run.get("verdicts") or {}).items():
+        delivered = v["delivered_kb"]
+        lines.append(
+            f"budget {name} <= {v['limit_kb']:g} KB: "
+            + ("NOT MET by any evaluation" if delivered is None else f"met at {delivered:.3f} KB")
+        )
+    return lines
 
 
 def check_model(parser: argparse.ArgumentParser, name: str) -> None:
@@ -263,12 +306,21 @@ def check_model(parser: argparse.ArgumentParser, name: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.workdir is not None:
+        record = trained_report(args.workdir)
+        if args.json:
+            print(json.dumps(record, allow_nan=False))
+            return
+        print("\n".join(_run_header(args.workdir, record["run"])))
+        print()
+        print(format_table(record))
+        return
     record = build_report(args)
     if args.json:
         print(json.dumps(record, allow_nan=False))
         return
     print(f"{args.model}, input {record['input_shape']}: " + "; ".join(record["rules"]))
-    print("(initial quantizers of an untrained float network; checkpoints not supported yet)")
+    print("(initial quantizers of an untrained float network; --workdir RUN reports a trained one)")
     for note in record["notes"]:
         print(f"note: {note}")
     print()

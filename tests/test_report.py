@@ -101,7 +101,7 @@ def test_float_table_prints_exact_totals(runs):
     }
     assert totals["weight_kb"] == 1048.2265625
     assert "stages.2.2.conv2" in run.stdout and "float" in run.stdout
-    assert "checkpoints not supported yet" in run.stdout
+    assert "untrained float network" in run.stdout
 
 
 @pytest.mark.parametrize(
@@ -127,3 +127,36 @@ def test_plot_bitwidths_writes_a_png(runs, tmp_path):
     data = path.read_bytes()
     assert path == tmp_path / "sub" / "bits.png"
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+
+
+def test_workdir_reports_the_delivered_model_of_a_finished_run(tmp_path, capsys):
+    from mpdnn.report import main
+    from mpdnn.training.trainer import train_and_evaluate
+    from tests.training.test_trainer import tiny_config
+
+    config = tiny_config(max_steps=2, steps_per_call=1)
+    config.budget.weight_kb = 2.0  # met from the start (4-bit start: ~1.3 KB)
+    result = train_and_evaluate(config, tmp_path)
+    assert result.delivered == "best_feasible"
+    main(["--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"test error {result.delivered_test_error:.4f}" in out
+    assert "budget weight_kb <= 2 KB: met at" in out
+    for row in result.layers:  # every row of the delivered model, with its bits
+        assert f"{row['path']}" in out
+    main(["--workdir", str(tmp_path), "--json"])
+    record = json.loads(capsys.readouterr().out)
+    assert record["layers"] == result.layers
+    assert record["run"]["delivered_sizes"]["weight_kb"] <= 2.0
+
+
+def test_workdir_without_a_report_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mpdnn.report", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "no report.json" in result.stderr
