@@ -223,3 +223,20 @@ def test_pow2_runs_learn_a_logit_scale(tmp_path):
     assert float(state["params"]["scale"][...]) != 1.0
     config.quant.weights.family = config.quant.activations.family = "uniform"
     assert not isinstance(build_model(config, dataset, tmp_path), LogitScale)
+
+
+def test_scanned_and_looped_calls_train_alike(tmp_path):
+    """The accelerators' path (lax.scan over steps and test batches) against the CPU one."""
+    results = {}
+    for scan in (True, False):
+        config = tiny_config(max_steps=4, steps_per_call=2, scan=scan)
+        config.data.synthetic_test = 40
+        config.train.eval_batch_size = 16  # 3 test batches, the last one padded
+        results[scan] = train_and_evaluate(config, tmp_path / str(scan))
+    a, b = results[True], results[False]
+    assert a.final_test_error == b.final_test_error
+    np.testing.assert_allclose(a.final_sizes["weight_kb"], b.final_sizes["weight_kb"], rtol=1e-6)
+    _, sa = restore_state(tmp_path / "True", tiny_config())
+    _, sb = restore_state(tmp_path / "False", tiny_config())
+    for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
