@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -343,11 +344,15 @@ def make_steps(
     return train_chunk, evaluate
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_indices(seed: int, epoch: int, num_train: int, steps: int, batch: int) -> np.ndarray:
     """The shuffled ``[steps, batch]`` example indices of one epoch: a function of (seed,
-    epoch) only, identical on every process, so a resumed run sees the same batches."""
+    epoch) only, identical on every process, so a resumed run sees the same batches.
+    Cached: every jitted call of the epoch slices the same permutation (read-only)."""
     order = np.random.default_rng([seed, epoch]).permutation(num_train)
-    return order[: steps * batch].reshape(steps, batch).astype(np.int32)
+    out = order[: steps * batch].reshape(steps, batch).astype(np.int32)
+    out.flags.writeable = False
+    return out
 
 
 def _test_arrays(dataset: mdata.ArrayDataset, eval_batch: int):
@@ -478,7 +483,7 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
     inspect = make_inspect(accounting)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=2)
     best_ckpt = Checkpointer(workdir / "best", max_to_keep=1)
-    meta: dict[str, Any] = {"best_error": None, "best_feasible": None, "evals": 0}
+    meta: dict[str, Any] = {"best_error": None, "best_feasible": None}
     restored = ckpt.restore(state)
     if restored is not None:
         _, state, meta = restored
@@ -647,14 +652,13 @@ def _evaluate(
 ) -> dict[str, Any]:
     """Test error, sizes, feasibility and per-tensor bits; keeps the best feasible model."""
     wrong, ce = evaluate(state["params"], state["rest"], *test)
-    n = num_test
-    error = float(_local(wrong)) / n
+    error = float(_local(wrong)) / num_test
     sizes, bits, kb = inspect(state["params"], per_tensor=True)
     feasible = _feasible(sizes, budgets)
     record = {
         "epoch": step / steps_per_epoch,
         "test_error": error,
-        "test_loss": float(_local(ce)) / n,
+        "test_loss": float(_local(ce)) / num_test,
         **sizes,
         "feasible": feasible,
         "bits": bits,
@@ -663,7 +667,6 @@ def _evaluate(
     budget_state = optim.budget_values(state["opt_state"])
     if budget_state is not None:
         record["multipliers"] = np.asarray(_local(budget_state.multipliers)).tolist()
-    meta["evals"] = meta.get("evals", 0) + 1
     if meta["best_error"] is None or error < meta["best_error"]:
         meta["best_error"] = error
     best = meta["best_feasible"]
