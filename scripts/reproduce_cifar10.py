@@ -1,0 +1,517 @@
+"""Reproduce the paper's CIFAR-10 tables (SPEC §9, Tables 1 and 3) with one command.
+
+Runs the rows of :mod:`mpdnn.configs.cifar10` (one config each, ``experiments/cifar10/``)
+on the local accelerator, each as its own ``python -m mpdnn.train`` process in
+``<runs_dir>/<row>`` (log beside it, ``<row>.log``), then writes per row
+``results/cifar10/<row>.json`` (``results/cifar10/reduced/<row>.json`` with ``--reduced``):
+final, best and delivered error, weight/activation sizes with each budget's verdict,
+per-layer bits, wall time, training throughput and provenance. ``results/cifar10.md`` is
+rewritten from every row JSON present: the paper and ours side by side, each row labelled
+full, reduced or not run.
+
+* The float row trains first whenever a selected row starts from the float net and
+  ``<runs_dir>/float`` holds no finished run.
+* A row whose workdir holds a finished run is collected, not retrained (``--force``
+  retrains it); an interrupted one resumes from its checkpoints.
+* ``--jobs N`` runs up to N rows at once (rows that need the float net wait for it). On one
+  GPU each process then gets ``0.9/N`` of its memory. Several ResNet-20 runs at once raise
+  the total throughput only where one run leaves the device idle (host work between
+  epochs, compilation); measure before raising it (``results/perf.md``).
+* ``--deadline_s S`` starts no row after S seconds (for a lease with a time limit): rows
+  not run are reported as such.
+* A row that diverges (non-finite loss) or ends with no evaluation within its budgets is
+  recorded with that status; the script goes on with the next row and exits 1 at the end
+  if any row failed.
+
+Commands::
+
+    python scripts/reproduce_cifar10.py --table 3 --family uniform      # 8 rows, float first
+    python scripts/reproduce_cifar10.py --rows t1_u3_w_float,t1_u3_wa_float
+    python scripts/reproduce_cifar10.py --all --reduced --jobs 2         # every row, CPU
+    python scripts/reproduce_cifar10.py --markdown                       # only rewrite the md
+
+The data: the shared JPEG copy (found beside the repository, or ``--data_dir``/
+``$MPDNN_CIFAR10``) or a prepared tfds data_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a file from anywhere: import this checkout's mpdnn
+    sys.path.insert(0, str(REPO))
+
+from mpdnn.cli import OneLineParser  # noqa: E402
+from mpdnn.configs.cifar10 import PARAMETRIZATIONS, ROWS, TABLE3, Row  # noqa: E402
+
+EXPERIMENTS = REPO / "experiments" / "cifar10"
+EXIT_INFEASIBLE = 3
+
+# What SPEC §11 asks every table built on the shared copy to say.
+DATA_CAVEAT = (
+    "Ours are trained and tested on the lossy JPEG copy of CIFAR-10 in ../shared/data "
+    "(quality 75; SPEC §11), the paper's on the original images: absolute errors are not "
+    "comparable, orderings between rows are."
+)
+
+
+def priority(row: Row) -> tuple[int, int]:
+    """The order rows run in when a table is asked for: the float net, then Table 3's uniform
+    column, Table 1's uniform rows, Table 3's pow2 column, Table 1's pow2 rows (issue 5)."""
+    order = list(ROWS)
+    if row.name == "float":
+        return (0, 0)
+    pow2 = row.family == "pow2"
+    group = {(3, False): 1, (1, False): 2, (3, True): 3, (1, True): 4}[(row.table, pow2)]
+    return (group, order.index(row.name))
+
+
+def select(args) -> list[Row]:
+    if args.rows:
+        names = [n.strip() for n in args.rows.split(",") if n.strip()]
+        unknown = [n for n in names if n not in ROWS]
+        if unknown:
+            raise SystemExit(
+                f"reproduce_cifar10.py: error: unknown rows {', '.join(unknown)}; "
+                "see --list (status 2)"
+            )
+        return [ROWS[n] for n in dict.fromkeys(names)]
+    rows = list(ROWS.values())
+    if args.table != "all":
+        rows = [r for r in rows if r.table == int(args.table) or r.name == "float"]
+    if args.family:
+        rows = [r for r in rows if r.family in (None, args.family)]
+    return sorted(rows, key=priority)
+
+
+def finished(workdir: Path) -> bool:
+    summary = workdir / "summary.json"
+    if not summary.is_file():
+        return False
+    try:
+        return json.loads(summary.read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class Job:
+    def __init__(self, row: Row, args, runs_dir: Path):
+        self.row = row
+        self.workdir = runs_dir / row.name
+        self.log = runs_dir / f"{row.name}.log"
+        config = EXPERIMENTS / f"{row.name}.py"
+        self.command = [
+            sys.executable,
+            "-m",
+            "mpdnn.train",
+            "--config",
+            f"{config}:{args.protocol}" if args.protocol != "full" else str(config),
+            "--workdir",
+            str(self.workdir),
+            "--config.train.progress=false",
+            *(f"--config.{s}" for s in args.set),
+        ]
+        if args.data_dir:
+            self.command.append(f"--config.data.dir={args.data_dir}")
+        self.process: subprocess.Popen | None = None
+        self.start = 0.0
+        self.wall = 0.0
+        self.returncode: int | None = None
+
+    def launch(self, env: dict[str, str]) -> None:
+        self.workdir.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.log, "a")  # noqa: SIM115 (closed in poll)
+        handle.write(f"$ {shlex.join(self.command)}\n")
+        handle.flush()
+        self.start = time.perf_counter()
+        self.process = subprocess.Popen(
+            self.command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env
+        )
+        self._handle = handle
+
+    def poll(self) -> bool:
+        assert self.process is not None
+        code = self.process.poll()
+        if code is None:
+            return False
+        self._handle.close()
+        self.returncode = code
+        self.wall = time.perf_counter() - self.start
+        return True
+
+    def status(self) -> str:
+        if self.returncode == 0:
+            return "completed"
+        if self.returncode == EXIT_INFEASIBLE:
+            return "infeasible"
+        tail = self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+        if "not finite" in tail:
+            return "diverged"
+        if self.returncode in (143, -15):
+            return "stopped"
+        return f"failed (exit {self.returncode})"
+
+
+def run_rows(rows: list[Row], args, runs_dir: Path, results_dir: Path, start: float) -> dict:
+    """Train ``rows`` (up to ``--jobs`` at once, float-net rows after the float one) and
+    collect each as it ends; returns ``{row: status}``."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if args.jobs > 1:
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.jobs:.3f}")
+    pending = list(rows)
+    running: list[Job] = []
+    statuses: dict[str, str] = {}
+    float_dir = runs_dir / "float"
+    stopping = []
+
+    def stop(signum, frame):  # SIGTERM/SIGINT: every running row checkpoints and stops
+        if not stopping:
+            print("stopping: the running rows checkpoint and exit", flush=True)
+        stopping.append(signum)
+        for job in running:
+            if job.process is not None and job.process.poll() is None:
+                job.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    def float_ready() -> bool:
+        return finished(float_dir)
+
+    while pending or running:
+        for job in list(running):
+            if job.poll():
+                running.remove(job)
+                status = job.status()
+                statuses[job.row.name] = status
+                collect(job.row, job.workdir, results_dir, args, status, job.wall, job.command)
+                print(
+                    f"[{time.perf_counter() - start:7.0f}s] {job.row.name}: {status} "
+                    f"in {job.wall:.0f}s ({job.log})",
+                    flush=True,
+                )
+                if job.row.name == "float" and status != "completed":
+                    for row in [r for r in pending if r.float_init]:
+                        pending.remove(row)
+                        statuses[row.name] = "not run (the float row failed)"
+        out_of_time = bool(stopping) or (
+            args.deadline_s and time.perf_counter() - start > args.deadline_s
+        )
+        while pending and len(running) < args.jobs and not out_of_time:
+            ready = [r for r in pending if not r.float_init or float_ready()]
+            if not ready:
+                break
+            row = ready[0]
+            pending.remove(row)
+            if finished(runs_dir / row.name) and not args.force:
+                statuses[row.name] = "completed"
+                collect(row, runs_dir / row.name, results_dir, args, "completed", None, None)
+                print(f"{row.name}: already finished in {runs_dir / row.name}", flush=True)
+                continue
+            job = Job(row, args, runs_dir)
+            job.launch(env)
+            running.append(job)
+            print(
+                f"[{time.perf_counter() - start:7.0f}s] {row.name}: started "
+                f"({len(pending)} waiting)",
+                flush=True,
+            )
+        if out_of_time and pending and not running:
+            for row in pending:
+                statuses[row.name] = "not run (" + ("stopped" if stopping else "deadline") + ")"
+            pending.clear()
+        if running:
+            time.sleep(1.0)
+        elif pending and not out_of_time:
+            # Only float-net rows are left and the float row is not running: it must be
+            # selected (select() adds it) or finished, so this is a failed float run.
+            for row in pending:
+                statuses[row.name] = "not run (no finished float row)"
+            pending.clear()
+    return statuses
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def throughput(workdir: Path, batch: int) -> dict[str, float] | None:
+    """Training images/s from ``metrics.jsonl``: the timestamps of the per-call train
+    records after the first call (compilation) of each process start, evaluation and
+    checkpoint time between calls included (it is part of a run's cost)."""
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("type") == "train"]
+    if len(train) < 3:
+        return None
+    first, last = train[1], train[-1]
+    seconds = last["time"] - first["time"]
+    steps = last["step"] - first["step"]
+    if seconds <= 0 or steps <= 0:
+        return None
+    return {"images_per_s": round(steps * batch / seconds, 1), "seconds": round(seconds, 2)}
+
+
+def collect(row: Row, workdir: Path, results_dir: Path, args, status, wall, command) -> None:
+    """Write ``results/cifar10[/reduced]/<row>.json`` from a run's outputs."""
+    summary_path = workdir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    config = json.loads((workdir / "config.json").read_text()) if workdir.is_dir() else {}
+    report_path = workdir / "report.json"
+    layers = json.loads(report_path.read_text())["layers"] if report_path.is_file() else []
+    batch = config.get("train", {}).get("batch_size", 128)
+    record: dict[str, Any] = {
+        "row": row.name,
+        "table": row.table,
+        "title": row.title,
+        "protocol": args.protocol,
+        "paper_error_percent": row.paper_error,
+        "paper": row.paper_text,
+        "status": status,
+        "epochs": config.get("train", {}).get("epochs"),
+        "train_images": None,
+        **{
+            k: summary.get(k)
+            for k in (
+                "final_test_error",
+                "best_test_error",
+                "best_feasible_test_error",
+                "delivered",
+                "delivered_test_error",
+                "feasible",
+                "budgets",
+                "delivered_sizes",
+                "final_sizes",
+                "verdicts",
+                "step",
+                "steps_per_epoch",
+            )
+        },
+        "bits": {
+            f"{layer['path']}.{layer['tensor']}": layer["bits"]
+            for layer in layers
+            if layer.get("quantizer") != "float"
+        },
+        "throughput": throughput(workdir, batch),
+        "wall_time_s": round(wall, 1) if wall is not None else summary.get("wall_time_s"),
+        "workdir": str(workdir),
+        "provenance": summary.get("provenance"),
+        "reproduce_command": shlex.join(["python", "scripts/reproduce_cifar10.py", *sys.argv[1:]]),
+        "train_command": shlex.join(command[1:]) if command else None,
+    }
+    if summary.get("steps_per_epoch"):
+        record["train_images"] = summary["steps_per_epoch"] * batch
+    folder = results_dir / "cifar10"
+    out = (folder if args.protocol == "full" else folder / args.protocol) / f"{row.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+
+
+def load_results(results_dir: Path) -> dict[str, dict[str, dict]]:
+    """``{"full"|"reduced": {row: record}}`` from the JSON files present."""
+    out: dict[str, dict[str, dict]] = {"full": {}, "reduced": {}}
+    folders = {"full": results_dir / "cifar10", "reduced": results_dir / "cifar10" / "reduced"}
+    for protocol, folder in folders.items():
+        for path in sorted(folder.glob("*.json")):
+            record = json.loads(path.read_text())
+            out[protocol][record["row"]] = record
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def cell(record: dict | None) -> str:
+    """One run as ``final / best`` error in %, or its status."""
+    if record is None:
+        return "not run"
+    if record["status"] not in ("completed", "infeasible"):
+        return record["status"]
+    text = f"{_pct(record['final_test_error'])} / {_pct(record['best_test_error'])}"
+    if record.get("budgets"):
+        delivered = record.get("delivered_test_error")
+        text += f" (delivered {_pct(delivered)})" if delivered is not None else " (NO feasible)"
+    return text
+
+
+def sizes_text(record: dict | None) -> str:
+    if record is None or not record.get("delivered_sizes"):
+        return "–"
+    s = record["delivered_sizes"]
+    marks = []
+    for name, verdict in (record.get("verdicts") or {}).items():
+        marks.append(f"{name} {'met' if verdict['delivered_met'] else 'NOT met'}")
+    text = f"{s['weight_kb']:.1f} / {s['act_max_kb']:.1f} / {s['act_sum_kb']:.1f}"
+    return text + (f" ({', '.join(marks)})" if marks else "")
+
+
+def write_markdown(results_dir: Path) -> Path:
+    results = load_results(results_dir)
+    full, reduced = results["full"], results["reduced"]
+    lines = [
+        "# CIFAR-10 ResNet-20: the paper's Tables 1 and 3, reproduced",
+        "",
+        "Generated by `python scripts/reproduce_cifar10.py` from `results/cifar10/*.json` "
+        "(full protocol, SPEC §8: 160 epochs) and `results/cifar10/reduced/*.json` (the "
+        "reduced protocol of `mpdnn.configs.cifar10`, for orderings only). Each JSON holds "
+        "the command, commit, machine, date and wall time of its run.",
+        "",
+        f"**Data caveat.** {DATA_CAVEAT}",
+        "",
+        "Errors in %, as `final epoch / best epoch` (the authors select the best epoch on the "
+        "test set, SPEC §8; the final epoch is the honest number). Budget rows add the "
+        "*delivered* model's error: the best evaluation that met every budget. "
+        "Sizes are the delivered model's `weight / act-max / act-sum` KB.",
+        "",
+        "## Table 1 (no budget, initial 4 bits): random init / float-net init",
+        "",
+        "| quantized | parametrization | paper (random / float) | ours full, random "
+        "| ours full, float-net | ours reduced, random | ours reduced, float-net |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    r = ROWS["float"]
+    lines.append(
+        f"| none | float32 | 8.50 / 7.29 | – | {cell(full.get('float'))} | – "
+        f"| {cell(reduced.get('float'))} |"
+    )
+    for kinds, what in (("w", "weights"), ("wa", "weights+acts")):
+        for short, (_, _, column) in PARAMETRIZATIONS.items():
+            rand, flt = ROWS[f"t1_{short}_{kinds}_random"], ROWS[f"t1_{short}_{kinds}_float"]
+            lines.append(
+                f"| {what} | {column} | {rand.paper_text.replace(' %', '')} / "
+                f"{flt.paper_text.replace(' %', '')} "
+                f"| {cell(full.get(rand.name))} | {cell(full.get(flt.name))} "
+                f"| {cell(reduced.get(rand.name))} | {cell(reduced.get(flt.name))} |"
+            )
+    lines += [
+        "",
+        "## Table 3 (float-net init): fixed and TQT against learned mixed precision",
+        "",
+        "| method | bits W/A | paper sizes | family | paper | ours full | sizes full "
+        "| ours reduced | sizes reduced |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for family in ("uniform", "pow2"):
+        lines.append(
+            f"| float | 32/32 | 1048 KB / 64 / 736 | {family} | 7.29 | {cell(full.get('float'))} "
+            f"| {sizes_text(full.get('float'))} | {cell(reduced.get('float'))} "
+            f"| {sizes_text(reduced.get('float'))} |"
+        )
+        for method, (label, bits, sizes, *_) in TABLE3.items():
+            r = ROWS[f"t3_{method}_{family}"]
+            lines.append(
+                f"| {label} | {bits} | {sizes} | {family} | {r.paper_text.replace(' %', '')} "
+                f"| {cell(full.get(r.name))} | {sizes_text(full.get(r.name))} "
+                f"| {cell(reduced.get(r.name))} | {sizes_text(reduced.get(r.name))} |"
+            )
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| row | protocol | status | epochs | wall | machine | commit | date |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for protocol, records in (("full", full), ("reduced", reduced)):
+        for name in ROWS:
+            rec = records.get(name)
+            if rec is None:
+                continue
+            prov = rec.get("provenance") or {}
+            wall = rec.get("wall_time_s")
+            lines.append(
+                f"| {name} | {protocol} | {rec['status']} | {rec.get('epochs')} "
+                f"| {'–' if wall is None else f'{wall:.0f} s'} | {prov.get('device_kind', '–')} "
+                f"| {str(prov.get('git_commit', '–'))[:7]} | {prov.get('date_utc', '–')} |"
+            )
+    out = results_dir / "cifar10.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(
+        prog="scripts/reproduce_cifar10.py", description=__doc__.split("\n\n")[0]
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--table", choices=("1", "3", "all"), default=None)
+    which.add_argument("--rows", help="comma-separated row names (see --list)")
+    which.add_argument("--all", action="store_true", help="every row (same as --table all)")
+    parser.add_argument("--family", choices=("uniform", "pow2"), help="only this family's rows")
+    parser.add_argument("--reduced", action="store_true", help="the reduced (CPU) protocol")
+    parser.add_argument("--smoke", action="store_true", help="2 steps per row (a check)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once (default 1)")
+    parser.add_argument("--runs_dir", type=Path, help="default runs/cifar10[_reduced]")
+    parser.add_argument("--results_dir", type=Path, default=REPO / "results")
+    parser.add_argument("--data_dir", help="CIFAR-10 source (default: found automatically)")
+    parser.add_argument("--deadline_s", type=float, default=0, help="start no row after this")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every row, e.g. train.scan=true",
+    )
+    parser.add_argument("--force", action="store_true", help="retrain finished rows")
+    parser.add_argument("--list", action="store_true", help="print the rows and exit")
+    parser.add_argument("--markdown", action="store_true", help="only rewrite results/cifar10.md")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    if args.list:
+        for row in sorted(ROWS.values(), key=priority):
+            print(f"{row.name:<22} Table {row.table}  paper {row.paper_text:<9} {row.title}")
+        return 0
+    if args.markdown:
+        print(write_markdown(args.results_dir))
+        return 0
+    if args.all:
+        args.table = "all"
+    if args.reduced and args.smoke:
+        parser.error("--reduced and --smoke exclude each other")
+    args.protocol = "reduced" if args.reduced else "smoke" if args.smoke else "full"
+    if not (args.rows or args.table):
+        parser.error("say which rows: --table 1|3|all, --all or --rows a,b (see --list)")
+    suffix = "" if args.protocol == "full" else f"_{args.protocol}"
+    runs_dir = args.runs_dir or REPO / "runs" / f"cifar10{suffix}"
+    rows = select(args)
+    if (
+        any(r.float_init for r in rows)
+        and ROWS["float"] not in rows
+        and not finished(runs_dir / "float")
+    ):
+        rows.insert(0, ROWS["float"])
+    start = time.perf_counter()
+    print(
+        f"{len(rows)} rows ({args.protocol} protocol) in {runs_dir}, "
+        f"{args.jobs} at a time: {', '.join(r.name for r in rows)}",
+        flush=True,
+    )
+    statuses = run_rows(rows, args, runs_dir, args.results_dir, start)
+    md = write_markdown(args.results_dir)
+    width = max(len(n) for n in statuses)
+    for name, status in statuses.items():
+        print(f"{name:<{width}}  {status}")
+    print(f"{md} rewritten; {time.perf_counter() - start:.0f}s in all")
+    return 0 if all(s == "completed" for s in statuses.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
