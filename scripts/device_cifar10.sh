@@ -41,7 +41,7 @@ fi
 
 if [ "${BENCH:-1}" = 1 ]; then
   echo "== throughput: float vs U3 with budgets, batch 128 =="
-  timeout 240 python3 scripts/bench_train.py "${bench[@]}" --json "$OUT/bench_train.json" \
+  timeout 120 python3 scripts/bench_train.py "${bench[@]}" --json "$OUT/bench_train.json" \
     2>&1 | grep -v "NO evaluation" | tail -n 8
 fi
 
