@@ -248,22 +248,41 @@ def run_rows(rows: list[Row], args, runs_dir: Path, results_dir: Path, start: fl
 
 
 def throughput(workdir: Path, batch: int) -> dict[str, float] | None:
-    """Training images/s from ``metrics.jsonl``: the timestamps of the per-call train
-    records after the first call (compilation) of each process start, evaluation and
-    checkpoint time between calls included (it is part of a run's cost)."""
+    """Training images/s from ``metrics.jsonl``: summed over consecutive per-call train
+    records, evaluation and checkpoint time between calls included (they are part of a
+    run's cost), but without the intervals that hold a compilation or a restart (a resumed
+    run): those over 10x the median interval."""
     path = workdir / "metrics.jsonl"
     if not path.is_file():
         return None
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     train = [r for r in records if r.get("type") == "train"]
-    if len(train) < 3:
+    pairs = [
+        (b["step"] - a["step"], b["time"] - a["time"])
+        for a, b in zip(train, train[1:], strict=False)
+        if b["step"] > a["step"]
+    ]
+    if not pairs:
         return None
-    first, last = train[1], train[-1]
-    seconds = last["time"] - first["time"]
-    steps = last["step"] - first["step"]
-    if seconds <= 0 or steps <= 0:
+    typical = sorted(dt for _, dt in pairs)[len(pairs) // 2]
+    kept = [(ds, dt) for ds, dt in pairs if dt <= 10 * typical]
+    steps, seconds = sum(p[0] for p in kept), sum(p[1] for p in kept)
+    if seconds <= 0:
         return None
     return {"images_per_s": round(steps * batch / seconds, 1), "seconds": round(seconds, 2)}
+
+
+def last_eval(workdir: Path) -> dict[str, Any] | None:
+    """The last evaluation a (possibly unfinished) run logged."""
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    evals = [json.loads(line) for line in path.read_text().splitlines() if '"type": "eval"' in line]
+    if not evals:
+        return None
+    e = evals[-1]
+    keep = ("step", "epoch", "test_error", "weight_kb", "act_max_kb", "act_sum_kb", "feasible")
+    return {k: e.get(k) for k in keep}
 
 
 def collect(row: Row, workdir: Path, results_dir: Path, args, status, wall, command) -> None:
@@ -307,6 +326,7 @@ def collect(row: Row, workdir: Path, results_dir: Path, args, status, wall, comm
             if layer.get("quantizer") != "float"
         },
         "throughput": throughput(workdir, batch),
+        "last_eval": last_eval(workdir),
         "wall_time_s": round(wall, 1) if wall is not None else summary.get("wall_time_s"),
         "workdir": str(workdir),
         "provenance": summary.get("provenance"),

@@ -12,7 +12,13 @@ from mpdnn.training import config as cfg
 from mpdnn.training.trainer import train_and_evaluate
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.py") if "get_config" in p.read_text())
+# experiments/cifar10/ holds one generated file per row of the paper's tables (39); they are
+# checked in tests/test_cifar10_rows.py and smoke-trained in tests/test_reproduce_cifar10.py.
+CONFIGS = sorted(
+    p
+    for p in EXPERIMENTS.rglob("*.py")
+    if "get_config" in p.read_text() and "cifar10" not in p.relative_to(EXPERIMENTS).parts
+)
 
 
 def load(path: Path):
@@ -23,7 +29,7 @@ def load(path: Path):
 
 
 def test_there_are_configs():
-    assert {"digits.py", "cifar10_resnet20.py"} <= {p.name for p in CONFIGS}
+    assert "digits.py" in {p.name for p in CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))

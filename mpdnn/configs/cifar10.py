@@ -31,8 +31,9 @@ Modifiers (``:arg``, comma-separated):
   hour for every row): the first 150 images per class of each split (1,500 train / 1,500
   test), batch 32, the float net 25 epochs (lr ÷ 10 after 12 and 20), float-init rows 2
   epochs, random-init rows 5 epochs (÷ 10 after 4). About 45 minutes for all 39 rows with
-  ``--jobs 2`` on a 2-core CPU (results/cifar10.md has the measured time). Batch 32 because this CPU does a
-  ResNet-20 image 1.8× faster at 32 than at 128, and the few epochs need the steps.
+  ``--jobs 2`` on a 2-core CPU (results/cifar10.md has the measured time). Batch 32
+  because this CPU does a ResNet-20 image 1.8× faster at 32 than at 128, and the few
+  epochs need the steps.
   Its numbers check orderings only; they are not the paper's protocol.
 * ``smoke``: 10 images per class, batch 32, 2 steps: the pipeline end to end (tests).
 """

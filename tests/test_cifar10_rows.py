@@ -1,0 +1,122 @@
+"""The CIFAR-10 rows (mpdnn.configs.cifar10, experiments/cifar10/) against SPEC §5, §8, §9."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from flax import nnx
+
+from mpdnn import data as mdata
+from mpdnn import optim
+from mpdnn.configs import cifar10
+from mpdnn.training import config as cfg
+from mpdnn.training import trainer
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "cifar10"
+
+# SPEC §5: ResNet-20 has 268,346 quantized weights and 19 activation tensors (188,416 values,
+# the largest 16x32x32).
+WEIGHTS, ACT_VALUES, ACT_LARGEST = 268_346, 188_416, 16 * 32 * 32
+
+
+def kb(values: int, bits: int) -> float:
+    return values * bits / 8 / 1024
+
+
+def test_every_cell_of_tables_1_and_3_has_a_row():
+    names = set(cifar10.ROWS)
+    assert len(names) == 1 + 6 * 2 * 2 + 7 * 2  # float; Table 1 cells; Table 3 cells
+    assert sum(r.table == 1 for r in cifar10.ROWS.values()) == 25
+    assert sum(r.table == 3 for r in cifar10.ROWS.values()) == 14
+
+
+@pytest.mark.parametrize(
+    "name, paper",
+    [  # typed from SPEC §9
+        ("float", 7.29),
+        ("t1_u1_w_random", 17.8),
+        ("t1_u3_w_float", 7.32),
+        ("t1_u3_wa_random", 9.23),
+        ("t1_p2_wa_random", None),  # "diverges"
+        ("t1_p3_wa_float", 9.86),
+        ("t3_fixed_w2_uniform", 10.81),
+        ("t3_tqt_w2_pow2", 8.79),
+        ("t3_ours_w_asum_uniform", 9.38),
+        ("t3_ours_w_amax_uniform", 8.58),
+        ("t3_ours_w_amax_pow2", 11.23),
+    ],
+)
+def test_paper_numbers(name, paper):
+    assert cifar10.ROWS[name].paper_error == paper
+
+
+def test_row_files_are_generated_from_the_registry():
+    on_disk = {p.stem for p in EXPERIMENTS.glob("*.py")}
+    assert on_disk == set(cifar10.ROWS), "run: python -m mpdnn.configs.cifar10 --write " + str(
+        EXPERIMENTS
+    )
+    for name in cifar10.ROWS:
+        assert (EXPERIMENTS / f"{name}.py").read_text() == cifar10.row_file(name), name
+
+
+def load(name: str):
+    path = EXPERIMENTS / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"cifar10_row_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_and_modifiers():
+    c = load("t3_ours_w_amax_uniform").get_config()
+    # SPEC §8: batch 128, 160 epochs, lr/10 after 80 and 120, quantized nets at lr 0.03 from
+    # the float net; budgets 70.1 KB weights and 8.1 KB max activation, lambda 0.1.
+    assert (c.train.batch_size, c.train.epochs, tuple(c.optim.decay_epochs)) == (
+        128,
+        160,
+        (80, 120),
+    )
+    assert (c.optim.learning_rate, c.optim.weight_decay, c.optim.momentum) == (0.03, 2e-4, 0.9)
+    assert c.init.from_workdir == "float"
+    assert (c.budget.weight_kb, c.budget.act_max_kb, c.budget.act_sum_kb) == (70.1, 8.1, None)
+    assert c.budget.method == "penalty" and c.budget.strength == 0.1
+    assert load("t3_ours_w_asum_pow2").get_config().budget.act_sum_kb == 92.1
+    random = load("t1_u1_w_random").get_config()
+    assert random.init.from_workdir is None and random.optim.learning_rate == 0.1
+    assert random.quant.weights.init == "random"
+    reduced = load("float").get_config("reduced")
+    assert reduced.data.max_per_class == 150 and reduced.train.batch_size == 32
+    smoke = load("float").get_config("smoke")
+    assert smoke.train.max_steps == 2
+    with pytest.raises(ValueError, match="unknown modifiers"):
+        load("float").get_config("fast")
+    with pytest.raises(ValueError, match="unknown CIFAR-10 row"):
+        cifar10.row_config("t9_nothing")
+
+
+def _bits(q: dict) -> int:
+    """The row's starting bits of one kind, from what the row says (not from the code)."""
+    mode = q.get("mode", "float")
+    return 32 if mode == "float" else q.get("bits", 4)
+
+
+@pytest.mark.parametrize("name", list(cifar10.ROWS))
+def test_every_row_builds_at_its_starting_sizes(name):
+    """Each row's model starts where its row says: 32-bit float, 2-bit fixed/TQT weights,
+    4-bit fixed/TQT activations, and every learned quantizer at its initial 4 bits (SPEC §9:
+    "initial b = 4"); sizes from SPEC §5's counts."""
+    row = cifar10.ROWS[name]
+    config = cifar10.row_config(name)
+    cfg.check(config)
+    config.init.from_workdir = None  # same shapes without a trained float net
+    dataset = mdata.load_dataset("synthetic", image_shape=(32, 32, 3), num_train=8, num_test=8)
+    model = trainer.build_model(config, dataset, Path("unused"))
+    sizes = optim.Accounting.from_model(model)(nnx.state(model, nnx.Param))
+    w, a = _bits(row.weights), _bits(row.activations)
+    assert float(sizes["weight_kb"]) == pytest.approx(kb(WEIGHTS, w), abs=1e-3)
+    assert float(sizes["act_max_kb"]) == pytest.approx(kb(ACT_LARGEST, a))
+    assert float(sizes["act_sum_kb"]) == pytest.approx(kb(ACT_VALUES, a))
+    # Pow2 networks carry the authors' logit scale (SPEC §6), uniform ones do not.
+    assert cfg.logit_scale(config) == (row.family == "pow2")
