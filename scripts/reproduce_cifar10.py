@@ -360,6 +360,12 @@ def cell(record: dict | None) -> str:
     """One run as ``final / best`` error in %, or its status."""
     if record is None:
         return "not run"
+    last = record.get("last_eval")
+    if record["status"] == "stopped" and last:
+        return (
+            f"partial: {_pct(last['test_error'])} at epoch {last['epoch']:.0f} of "
+            f"{record.get('epochs')}"
+        )
     if record["status"] not in ("completed", "infeasible"):
         return record["status"]
     text = f"{_pct(record['final_test_error'])} / {_pct(record['best_test_error'])}"
@@ -393,6 +399,11 @@ def write_markdown(results_dir: Path) -> Path:
         "",
         f"**Data caveat.** {DATA_CAVEAT}",
         "",
+    ]
+    notes = results_dir / "cifar10" / "NOTES.md"  # hand-written findings, kept on rewrite
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    lines += [
         "Errors in %, as `final epoch / best epoch` (the authors select the best epoch on the "
         "test set, SPEC §8; the final epoch is the honest number). Budget rows add the "
         "*delivered* model's error: the best evaluation that met every budget. "
@@ -456,9 +467,11 @@ def write_markdown(results_dir: Path) -> Path:
             lines.append(
                 f"| {name} | {protocol} | {rec['status']} | {rec.get('epochs')} "
                 f"| {'–' if wall is None else f'{wall:.0f} s'} | {prov.get('device_kind', '–')} "
-                f"| {str(prov.get('git_commit', '–'))[:7]} | {prov.get('date_utc', '–')} |"
+                f"| {str(rec.get('code_commit') or prov.get('git_commit', '–'))[:7]} "
+                f"| {prov.get('date_utc', '–')} |"
             )
     out = results_dir / "cifar10.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     return out
 
