@@ -380,8 +380,13 @@ def sizes_text(record: dict | None) -> str:
         return "–"
     s = record["delivered_sizes"]
     marks = []
-    for name, verdict in (record.get("verdicts") or {}).items():
-        marks.append(f"{name} {'met' if verdict['delivered_met'] else 'NOT met'}")
+    verdicts = record.get("verdicts") or {}
+    delivered = any(v["delivered_met"] for v in verdicts.values())
+    for name, verdict in verdicts.items():
+        met = verdict["delivered_met"] if delivered else verdict["final_met"]
+        marks.append(f"{name} {'met' if met else 'over'}")
+    if verdicts and not delivered:  # no evaluation met them all: the final model's sizes
+        marks.insert(0, "final model")
     text = f"{s['weight_kb']:.1f} / {s['act_max_kb']:.1f} / {s['act_sum_kb']:.1f}"
     return text + (f" ({', '.join(marks)})" if marks else "")
 

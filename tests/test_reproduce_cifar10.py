@@ -51,7 +51,7 @@ def test_markdown_labels_every_row(rc, tmp_path):
         "delivered_test_error": None,
         "budgets": {"weight_kb": 70.1},
         "delivered_sizes": {"weight_kb": 80.0, "act_max_kb": 64.0, "act_sum_kb": 736.0},
-        "verdicts": {"weight_kb": {"delivered_met": False}},
+        "verdicts": {"weight_kb": {"delivered_met": False, "final_met": False}},
         "provenance": {"device_kind": "cpu", "git_commit": "abcdef0123", "date_utc": "d"},
         "wall_time_s": 12.0,
         "epochs": 2,
@@ -61,7 +61,7 @@ def test_markdown_labels_every_row(rc, tmp_path):
     (folder / "t3_ours_w_uniform.json").write_text(json.dumps(record))
     text = rc.write_markdown(tmp_path).read_text()
     assert "20.00 / 10.00 (NO feasible)" in text
-    assert "weight_kb NOT met" in text
+    assert "(final model, weight_kb over)" in text
     assert text.count("not run") >= 38  # every other row, in both tables
     assert "lossy JPEG" in text  # SPEC §11's caveat
 
