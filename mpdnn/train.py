@@ -1,15 +1,39 @@
 """``python -m mpdnn.train``: train an experiment config (SPEC §6–8).
 
     python -m mpdnn.train [--config experiments/<name>.py[:arg]] [--workdir DIR]
-                          [--config.key=value ...] [--distributed]
+                          [--config.key=value ...]
+                          [--distributed [--coordinator_address HOST:PORT
+                                          --num_processes N --process_id I]]
 
 With no flags it runs the default experiment (:mod:`mpdnn.configs.digits`: float vs fixed
 2-bit vs learned mixed precision under one weight budget on scikit-learn's digits, about a
 minute on a laptop CPU) and prints one table. ``--workdir`` defaults to ``runs/<name>``; a
 workdir that holds checkpoints is resumed from its latest readable one. A config with
-``variants`` trains each in ``<workdir>/<variant>`` and prints them side by side. On many
-hosts, start one process per host with ``--distributed`` (``jax.distributed.initialize``):
-the mesh then spans every device of every host, and only process 0 writes logs and reports.
+``variants`` trains each in ``<workdir>/<variant>`` and prints them side by side.
+
+Several hosts: start the same command once per host (one process per host, which drives
+all of that host's devices) with ``--distributed``; it calls ``jax.distributed.initialize``
+before anything else. The mesh then spans every device of every host, ``train.batch_size``
+is the global batch (a multiple of the total device count), every host holds the whole
+dataset (streamed ImageNet: each decodes its share of every batch), and only process 0
+writes logs, reports and tables. ``--workdir`` must be one directory that every host sees
+(a shared file system): all processes write the checkpoints together. A SIGTERM to any
+process checkpoints and stops them all after the same step. On SLURM, Open MPI
+(``mpirun``), Kubernetes (JobSet/Indexed Job) or Cloud TPU, ``--distributed`` alone finds
+the coordinator, process count and index in the job's environment. Anywhere else give
+them, the same address on every host::
+
+    # on host 0 (it runs the coordinator service on the given port), then on host 1:
+    python -m mpdnn.train --distributed --coordinator_address=10.0.0.1:1234 \\
+        --num_processes=2 --process_id=0 --workdir /shared/runs/digits
+    python -m mpdnn.train --distributed --coordinator_address=10.0.0.1:1234 \\
+        --num_processes=2 --process_id=1 --workdir /shared/runs/digits
+
+The coordinator address may instead come from ``$JAX_COORDINATOR_ADDRESS`` (and a host's
+devices from ``$JAX_LOCAL_DEVICE_IDS``); the port must be reachable from every host. The
+processes wait up to 5 minutes for each other to start. On CPU hosts the cross-process
+collectives are JAX's default ``gloo`` (``jax_cpu_collectives_implementation``);
+``tests/training/test_multihost.py`` runs two processes on one machine this way.
 
 Exit status: 0 done; 1 training failed (e.g. a non-finite loss: the last good checkpoint is
 kept); 2 bad input (one line on stderr); 3 a run with budgets ended with no evaluation that
@@ -59,7 +83,27 @@ def define_flags() -> None:
         "distributed",
         False,
         "call jax.distributed.initialize() first, one process per host; it finds the "
-        "coordinator from the cluster environment (Cloud TPU, SLURM, Open MPI, Kubernetes)",
+        "coordinator from the cluster environment (Cloud TPU, SLURM, Open MPI, Kubernetes) "
+        "unless --coordinator_address, --num_processes and --process_id give them",
+    )
+    _FLAGS["coordinator_address"] = flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "with --distributed: HOST:PORT of process 0, where it runs the coordinator service "
+        "(the same on every host; default $JAX_COORDINATOR_ADDRESS or the cluster's)",
+    )
+    _FLAGS["num_processes"] = flags.DEFINE_integer(
+        "num_processes",
+        None,
+        "with --distributed: how many processes (hosts) take part",
+        lower_bound=1,
+    )
+    _FLAGS["process_id"] = flags.DEFINE_integer(
+        "process_id",
+        None,
+        "with --distributed: this process's index, 0 to num_processes-1; 0 runs the "
+        "coordinator and writes the outputs",
+        lower_bound=0,
     )
 
 
@@ -187,6 +231,26 @@ def _on_sigterm(signum, frame) -> None:
     STOP_REQUESTED.set()
 
 
+def _initialize_distributed() -> None:
+    """``jax.distributed.initialize`` with the flags' values (``None``: the cluster's)."""
+    names = ("coordinator_address", "num_processes", "process_id")
+    given = {name: _FLAGS[name].value for name in names}
+    if not _FLAGS["distributed"].value:
+        stray = [f"--{name}" for name in names if given[name] is not None]
+        if stray:
+            _usage_error(f"{', '.join(stray)}: only with --distributed")
+        return
+    import jax
+
+    try:
+        jax.distributed.initialize(**given)
+    except (TypeError, ValueError) as err:
+        _usage_error(
+            f"--distributed: {_one_line(err)} (outside SLURM, Open MPI, Kubernetes and Cloud "
+            "TPU give --coordinator_address, --num_processes and --process_id)"
+        )
+
+
 def main(argv) -> None:
     # absl would print every INFO line of JAX's (e.g. "Unable to initialize backend 'tpu'").
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -196,10 +260,7 @@ def main(argv) -> None:
     from mpdnn.training.trainer import TrainingError, train_and_evaluate
 
     config = _load_config()
-    if _FLAGS["distributed"].value:
-        import jax
-
-        jax.distributed.initialize()
+    _initialize_distributed()
     workdir = Path(_FLAGS["workdir"].value or Path("runs") / config.name)
     signal.signal(signal.SIGTERM, _on_sigterm)
     results = {}

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from mpdnn.cli import OneLineParser
+from mpdnn.configs import imagenet
 from mpdnn.provenance import provenance
 from mpdnn.training import config as cfg
 from mpdnn.training.trainer import train_and_evaluate
@@ -43,8 +44,11 @@ CASES = ("float", "u3_w", "u3_wa")
 def case_config(case: str, args: argparse.Namespace):
     c = cfg.base_config()
     c.name = f"bench_{case}"
+    c.model.name = args.model
+    c.model.compute_dtype = args.compute_dtype
     c.data.name = "synthetic"
-    c.data.synthetic_shape = (32, 32, 3)
+    c.data.synthetic_shape = (args.image_size, args.image_size, 3)
+    c.data.synthetic_classes = 10 if args.model == "resnet20" else 1000
     c.data.synthetic_train = args.batch * args.steps
     c.data.synthetic_test = args.batch
     c.train.batch_size = args.batch
@@ -55,13 +59,21 @@ def case_config(case: str, args: argparse.Namespace):
     c.train.checkpoint_every_epochs = 1
     c.train.progress = False
     c.optim.decay_epochs = ()
+    # ResNet-20: SPEC §8's CIFAR-10 budgets; ImageNet nets: mpdnn.configs.imagenet's (the
+    # fixed 4/4 sizes, λ scaled by the squared size ratio).
+    if args.model == "resnet20":
+        budgets, strengths = {"weight_kb": 70.1, "act_max_kb": 8.1}, {}
+    else:
+        budgets = imagenet.NETWORKS[args.model]["budgets_kb"]
+        strengths = imagenet.strengths(args.model)
     if case != "float":
         c.optim.learning_rate = 0.03
         c.quant.weights.mode = "learned"
-        c.budget.weight_kb = 70.1
+        c.budget.weight_kb = budgets["weight_kb"]
     if case == "u3_wa":
         c.quant.activations.mode = "learned"
-        c.budget.act_max_kb = 8.1
+        c.budget.act_max_kb = budgets["act_max_kb"]
+    c.budget.strengths = {k: v for k, v in strengths.items() if getattr(c.budget, k)}
     return c
 
 
@@ -86,10 +98,15 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=400, help="training steps per case")
     parser.add_argument("--steps_per_call", type=int, default=50)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--model", default="resnet20", choices=("resnet20", *imagenet.NETWORKS))
+    parser.add_argument("--image_size", type=int, default=None, help="default 32 / 224")
+    parser.add_argument("--compute_dtype", default=None, help="e.g. bfloat16 (conv operands)")
     parser.add_argument("--warmup", type=int, default=2, help="first calls dropped")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.image_size is None:
+        args.image_size = 32 if args.model == "resnet20" else 224
     cases = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(cases) - set(CASES))
     if unknown:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from flax import nnx
 
+from mpdnn.models.convert import load_torchvision as load_torchvision
 from mpdnn.models.mobilenet_v2 import MobileNetV2, mobilenet_v2
 from mpdnn.models.resnet_cifar import ResNetCifar, resnet20
 from mpdnn.models.resnet_imagenet import ResNetImageNet, resnet18

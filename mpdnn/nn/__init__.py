@@ -10,6 +10,7 @@ from mpdnn.nn.layers import (
     record_activation_shapes,
     relu,
     relu6,
+    set_compute_dtype,
 )
 from mpdnn.nn.quantizer import FLOAT, QuantConfig, Quantizer, QuantParam, QuantState
 from mpdnn.nn.rules import Rule, quantizable_sites, quantize_model
@@ -32,4 +33,5 @@ __all__ = [
     "record_activation_shapes",
     "relu",
     "relu6",
+    "set_compute_dtype",
 ]

@@ -67,6 +67,36 @@ class QuantizedWeights(nnx.Module):
         return out
 
 
+def _operands(layer: QuantizedWeights, x: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
+    """The layer's input and quantized kernel in its compute dtype, and the options that keep
+    a lower-precision product accumulated and returned in float32 (see
+    :func:`set_compute_dtype`)."""
+    dtype = getattr(layer, "compute_dtype", None) or x.dtype
+    kernel = layer.quantized_kernel().astype(dtype)
+    if jnp.dtype(dtype).itemsize < 4 and x.dtype == jnp.float32:
+        return x.astype(dtype), kernel, {"preferred_element_type": jnp.float32}
+    return x, kernel, {}
+
+
+def set_compute_dtype(model: nnx.Module, dtype) -> int:
+    """Run every conv and linear layer of ``model`` with ``dtype`` operands (e.g.
+    ``jnp.bfloat16``), accumulating and returning float32; BatchNorm, the quantizers and the
+    loss stay float32. Returns the number of layers set; ``None`` restores float32.
+
+    Exact for quantized layers up to 8 bits: a b-bit weight or activation is an integer
+    times a power-of-two step, and bfloat16's 8-bit significand holds every integer up to
+    256 exactly, so the conv sees the same operands as in float32 and only the accumulation
+    order can differ. Float layers (and the unquantized network input) are rounded to
+    bfloat16, the usual mixed-precision trade.
+    """
+    count = 0
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, QConv | QLinear):
+            module.compute_dtype = None if dtype is None else jnp.dtype(dtype)
+            count += 1
+    return count
+
+
 class QConv(QuantizedWeights):
     """2-D convolution with quantized kernel (and bias); NHWC, kernel HWIO."""
 
@@ -94,10 +124,11 @@ class QConv(QuantizedWeights):
         self.strides = (strides, strides)
         self.padding = ((padding, padding),) * 2 if isinstance(padding, int) else padding
         self.groups = groups
+        self.compute_dtype = None  # None: the input's dtype; see set_compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         _note_call(self, x)
-        kernel = self.quantized_kernel().astype(x.dtype)
+        x, kernel, options = _operands(self, x)
         y = lax.conv_general_dilated(
             x,
             kernel,
@@ -105,6 +136,7 @@ class QConv(QuantizedWeights):
             padding=self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=self.groups,
+            **options,
         )
         return _add_bias(y, self.quantized_bias())
 
@@ -125,10 +157,13 @@ class QLinear(QuantizedWeights):
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
         self.kernel_quant = Quantizer(FLOAT, kind="weight")
         self.bias_quant = Quantizer(FLOAT, kind="weight") if use_bias else None
+        self.compute_dtype = None  # None: the input's dtype; see set_compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         _note_call(self, x)
-        return _add_bias(x @ self.quantized_kernel().astype(x.dtype), self.quantized_bias())
+        x, kernel, options = _operands(self, x)
+        y = jnp.matmul(x, kernel, **options)
+        return _add_bias(y, self.quantized_bias())
 
 
 def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:

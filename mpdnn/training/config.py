@@ -31,7 +31,7 @@ from mpdnn.models import MODELS
 from mpdnn.nn import QuantConfig, Rule
 from mpdnn.quantizers import PARAMETRIZATIONS
 
-DATASETS = ("digits", "cifar10", "synthetic")
+DATASETS = ("digits", "cifar10", "synthetic", "imagenet")
 MODES = ("learned", "tqt", "fixed", "float")
 SIZES = ("weight_kb", "act_max_kb", "act_sum_kb")
 RANGES = ("b_range", "d_range", "qmax_range", "qmin_range")
@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     # A learnable scalar on the logits (nn.LogitScale); None: exactly when a kind is pow2,
     # as the authors' code does (SPEC §6).
     c.model.logit_scale = config_dict.placeholder(bool)
+    # Conv/linear operand dtype (nn.set_compute_dtype): None = float32, or "bfloat16"
+    # (exact for quantized layers up to 8 bits; products accumulate in float32).
+    c.model.compute_dtype = config_dict.placeholder(str)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "cifar10"
@@ -78,6 +81,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic_shape = (32, 32, 3)  # only for name == "synthetic"
     c.data.synthetic_train = 512
     c.data.synthetic_test = 128
+    c.data.synthetic_classes = 10
+    # Streamed input (mpdnn.training.streaming): ImageNet always; any dataset with stream.
+    c.data.stream = False
+    c.data.image_size = 224  # random-resized crop / center crop size of streamed images
+    c.data.eval_resize = 256  # shorter side before the center crop (evaluation)
+    c.data.workers = 16  # host decoding threads
 
     c.quant = ml_collections.ConfigDict()
     c.quant.weights = quantizer_config("float", bits=4)
@@ -88,6 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
         setattr(c.budget, name, config_dict.placeholder(float))
     c.budget.method = "penalty"  # penalty | lagrangian
     c.budget.strength = 0.1  # λ of the penalty, sizes in KB (SPEC §6)
+    # Per-size λ overriding ``strength``, e.g. {"weight_kb": 1.7e-4} (ImageNet scales λ).
+    c.budget.strengths = ml_collections.ConfigDict()
     c.budget.dual_learning_rate = 0.01  # η of the Lagrangian's dual ascent
     c.budget.clip_quantizer_gradients = True  # authors' stabiliser while a budget is active
     c.budget.projection_margin = 1e-5
@@ -116,6 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.init = ml_collections.ConfigDict()
     c.init.from_workdir = config_dict.placeholder(str)
+    # A torchvision float state_dict (.pth/.npz) loaded before quantization (ImageNet nets).
+    c.init.torchvision = config_dict.placeholder(str)
 
     c.variants = ml_collections.ConfigDict()
     c.run_variants = ""  # comma-separated subset of variants ("" = all)
@@ -172,6 +185,11 @@ def logit_scale(config: ml_collections.ConfigDict) -> bool:
     return any(r.config.family == "pow2" for r in rules(config))
 
 
+def strength(config: ml_collections.ConfigDict, size: str) -> float:
+    """λ of one budget: ``budget.strengths[size]`` when set, else ``budget.strength``."""
+    return float(config.budget.strengths.get(size, config.budget.strength))
+
+
 def budgets(config: ml_collections.ConfigDict) -> dict[str, float]:
     """``{size: limit_kb}`` of the budgets set (none: empty)."""
     out = {}
@@ -193,10 +211,22 @@ def check(config: ml_collections.ConfigDict) -> None:
         _fail(f"data.name={config.data.name!r} is unknown; known: {', '.join(DATASETS)}")
     rules(config)
     budgets(config)
+    if config.init.from_workdir and config.init.get("torchvision"):
+        _fail("init.from_workdir and init.torchvision both start the model: set one")
     if config.budget.method not in ("penalty", "lagrangian"):
         _fail(f"budget.method={config.budget.method!r} is unknown; expected penalty or lagrangian")
     if not config.budget.strength >= 0:
         _fail(f"budget.strength={config.budget.strength} must be >= 0")
+    for name, value in config.budget.strengths.items():
+        if name not in SIZES:
+            _fail(f"budget.strengths.{name} is not a size; expected one of {', '.join(SIZES)}")
+        if not value >= 0:
+            _fail(f"budget.strengths.{name}={value} must be >= 0")
+    if config.model.compute_dtype not in (None, "float32", "bfloat16", "float16"):
+        _fail(
+            f"model.compute_dtype={config.model.compute_dtype!r} is unknown; expected "
+            "float32, bfloat16 or float16"
+        )
     for key in ("epochs", "batch_size", "eval_batch_size", "steps_per_call"):
         value = getattr(config.train, key)
         if not (isinstance(value, int) and value > 0):

@@ -55,13 +55,14 @@ from jax.sharding import PartitionSpec as P
 
 from mpdnn import data as mdata
 from mpdnn import optim
-from mpdnn.models import build
-from mpdnn.nn import LogitScale, quantize_model
+from mpdnn.models import build, load_torchvision
+from mpdnn.nn import LogitScale, quantize_model, set_compute_dtype
 from mpdnn.provenance import provenance
 from mpdnn.report import report
 from mpdnn.training import config as cfg
 from mpdnn.training.checkpoint import Checkpointer, CheckpointError
 from mpdnn.training.metrics import MetricsWriter, Progress
+from mpdnn.training.streaming import StreamingData, padded, put_local, skip, streaming_data
 
 log = logging.getLogger("mpdnn.training")
 
@@ -112,6 +113,7 @@ def load_data(config: ml_collections.ConfigDict) -> mdata.ArrayDataset:
             image_shape=tuple(d.synthetic_shape),
             num_train=d.synthetic_train,
             num_test=d.synthetic_test,
+            num_classes=d.get("synthetic_classes", 10),
         )
     return mdata.load_dataset(
         d.name,
@@ -146,7 +148,16 @@ def build_model(config: ml_collections.ConfigDict, dataset: mdata.ArrayDataset, 
     if config.init.from_workdir:
         source = _resolve(config.init.from_workdir, workdir)
         load_final_model(model, source)
+    if config.init.get("torchvision"):
+        # torchvision's float weights (ImageNet nets), before quantization so that the
+        # weight quantizers start from them (SPEC §4's float-net init).
+        try:
+            load_torchvision(model, Path(config.init.torchvision).expanduser())
+        except (OSError, ImportError, TypeError, ValueError) as err:
+            raise cfg.ConfigError(f"init.torchvision: {err}") from None
     quantize_model(model, cfg.rules(config))
+    if config.model.get("compute_dtype") not in (None, "float32"):
+        set_compute_dtype(model, jnp.dtype(config.model.compute_dtype))
     if cfg.logit_scale(config):
         model = LogitScale(model)
     return model
@@ -196,7 +207,7 @@ def make_optimizer(
     parts = []
     learned = any(q.learned for q in accounting.quantizers)
     if budgets:
-        terms = [optim.Budget(k, v, config.budget.strength) for k, v in budgets.items()]
+        terms = [optim.Budget(k, v, cfg.strength(config, k)) for k, v in budgets.items()]
         if config.budget.method == "penalty":
             parts.append(optim.budget_penalty(accounting, terms))
         else:
@@ -244,6 +255,18 @@ def _local(tree):
     return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
 
 
+def _any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set on any process. A stop asked of one process only (a SIGTERM
+    that reaches one host first, ``should_stop``) must stop them all after the same step: a
+    process that went on would wait forever in the next step's collectives for the others,
+    which wait in the checkpoint's."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 # ----------------------------------------------------------------------------- steps
 
 
@@ -252,14 +275,21 @@ def make_steps(
     eval_graphdef,
     tx: optax.GradientTransformation,
     accounting: optim.Accounting,
-    dataset: mdata.ArrayDataset,
+    dataset: mdata.ArrayDataset | StreamingData,
     config: ml_collections.ConfigDict,
     mesh: Mesh,
 ):
-    """The jitted training chunk (``lax.scan`` over steps) and the jitted evaluation."""
+    """The jitted training chunk (``lax.scan`` over steps) and the jitted evaluation.
+
+    Device-resident data: a chunk is ``(state, idx [k, B], images, labels)`` and gathers,
+    normalises and augments on device. Streamed data (:mod:`mpdnn.training.streaming`): a
+    chunk is ``(state, xs [k, B, H, W, C], ys [k, B])`` of host-prepared batches, and the
+    evaluation reads the test split batch by batch."""
     batch = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
-    scale, offset = dataset.pixel_scale, dataset.pixel_offset
+    stream = isinstance(dataset, StreamingData)
+    # Streamed batches arrive normalised (ImageNet mean/std) and augmented on the host.
+    scale, offset = (1.0, 0.0) if stream else (dataset.pixel_scale, dataset.pixel_offset)
     augment = config.data.augment
     aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
@@ -276,6 +306,9 @@ def make_steps(
         if augment:
             key = jax.random.fold_in(aug_key, state["step"])
             x = mdata.random_crop_flip(key, x, pad=config.data.pad, flip=config.data.flip)
+        return update(state, x, y)
+
+    def update(state, x, y):
         x = jax.lax.with_sharding_constraint(x, batch)
         y = jax.lax.with_sharding_constraint(y, batch)
         params = state["params"]
@@ -310,13 +343,29 @@ def make_steps(
             metrics.append(m)
         return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
 
+    @partial(jax.jit, donate_argnums=0, out_shardings=replicated)
+    def scanned_stream_chunk(state, xs, ys):
+        return jax.lax.scan(lambda s, b: update(s, *b), state, (xs, ys))
+
+    one_update = jax.jit(update, donate_argnums=0, out_shardings=replicated)
+
+    def looped_stream_chunk(state, xs, ys):
+        metrics = []
+        for i in range(xs.shape[0]):
+            state, m = one_update(state, xs[i], ys[i])
+            metrics.append(m)
+        return state, jax.tree.map(lambda *v: jnp.stack(v), *metrics)
+
     # XLA:CPU runs convolutions inside a while loop (lax.scan) far slower than outside one
     # (measured here: a ResNet-20 gradient at batch 64, 0.71 s plain, 10.5 s per step
     # scanned), so on CPU a chunk is a Python loop of jitted steps; accelerators scan.
     scan = config.train.scan
     if scan is None:
         scan = mesh.devices.flat[0].platform != "cpu"
-    train_chunk = scanned_chunk if scan else looped_chunk
+    if stream:
+        train_chunk = scanned_stream_chunk if scan else looped_stream_chunk
+    else:
+        train_chunk = scanned_chunk if scan else looped_chunk
 
     def eval_batch(params, rest, x, y, m):
         """Wrong predictions and summed cross-entropy of one masked test batch."""
@@ -341,7 +390,29 @@ def make_steps(
         return sum(r[0] for r in results), sum(r[1] for r in results)
 
     evaluate = scanned_eval if scan else looped_eval
+    if stream:
+        evaluate = partial(_streamed_eval, one_eval, dataset, config, mesh)
     return train_chunk, evaluate
+
+
+def _streamed_eval(one_eval, data: StreamingData, config, mesh: Mesh, params, rest):
+    """Wrong predictions and summed cross-entropy over the streamed test split. Every process
+    runs the same number of global batches (a short or absent last share is padded and
+    masked), so the collectives line up."""
+    sharding = NamedSharding(mesh, P("data"))
+    global_batch = math.ceil(config.train.eval_batch_size / mesh.size) * mesh.size
+    batches = data.batches(train=False, batch=global_batch, epoch=0, seed=config.seed)
+    local = batches.local_batch_size
+    shares = iter(batches)
+    wrong, ce = 0, 0.0
+    for _ in range(len(batches)):
+        share = next(shares, None)
+        if share is None:
+            share = (np.zeros((0, *data.image_shape), np.float32), np.zeros(0, np.int32))
+        x, y, m = padded(*share, local)
+        w, c = one_eval(params, rest, *(put_local(sharding, a) for a in (x, y, m)))
+        wrong, ce = wrong + w, ce + c
+    return wrong, ce
 
 
 @functools.lru_cache(maxsize=2)
@@ -409,7 +480,8 @@ def train_and_evaluate(
 ) -> RunResult:
     """Train and evaluate one run of ``config`` in ``workdir`` (resuming if it holds
     checkpoints). ``should_stop(step)`` is asked after every jitted call; when it (or
-    :data:`STOP_REQUESTED`) says stop, the run checkpoints and returns ``status="stopped"``.
+    :data:`STOP_REQUESTED`) says stop, the run checkpoints and returns ``status="stopped"``;
+    in a multi-process run, every process does as soon as one is asked to.
     """
     cfg.check(config)
     workdir = Path(workdir)
@@ -449,8 +521,16 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
     if chief:
         (workdir / "config.json").write_text(config.to_json(indent=1) + "\n")
 
-    dataset = load_data(config)
-    plan = cfg.schedule(config, len(dataset.train_labels))
+    if config.data.name == "imagenet":
+        dataset = streaming_data(config)
+    else:
+        dataset = load_data(config)
+        if config.data.get("stream"):
+            dataset = streaming_data(config, dataset)
+    stream = isinstance(dataset, StreamingData)
+    num_train = dataset.num_train if stream else len(dataset.train_labels)
+    num_test = dataset.num_test if stream else len(dataset.test_labels)
+    plan = cfg.schedule(config, num_train)
     mesh = make_mesh(config.train.num_devices)
     if config.train.batch_size % mesh.size:
         raise cfg.ConfigError(
@@ -474,8 +554,12 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
         {"step": jnp.int32(0), "params": params, "rest": rest, "opt_state": tx.init(params)},
         replicated,
     )
-    images, labels = _put((dataset.train_images, dataset.train_labels), replicated)
-    test = _put(_test_arrays(dataset, eval_batch), replicated)
+    if stream:  # batches come from the host, call by call
+        images = labels = None
+        test = ()
+    else:
+        images, labels = _put((dataset.train_images, dataset.train_labels), replicated)
+        test = _put(_test_arrays(dataset, eval_batch), replicated)
     train_chunk, evaluate = make_steps(
         graphdef, eval_graphdef, tx, accounting, dataset, config, mesh
     )
@@ -504,7 +588,7 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
             step,
             evaluate=evaluate,
             test=test,
-            num_test=len(dataset.test_labels),
+            num_test=num_test,
             inspect=inspect,
             budgets=budgets,
             meta=meta,
@@ -515,6 +599,8 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
             save_best=save_best,
         )
 
+    shares = None  # streamed data: this epoch's batches
+    stream_sharding = NamedSharding(mesh, P(None, "data"))  # [steps, batch, ...]
     try:
         while step < plan.total_steps:
             epoch, offset = divmod(step, plan.steps_per_epoch)
@@ -523,14 +609,34 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
                 (epoch + 1) * plan.steps_per_epoch,
                 step + config.train.steps_per_call,
             )
-            idx = epoch_indices(
-                config.seed,
-                epoch,
-                len(dataset.train_labels),
-                plan.steps_per_epoch,
-                config.train.batch_size,
-            )[offset : offset + next_stop - step]
-            state, metrics = train_chunk(state, _put(idx, replicated), images, labels)
+            if stream:
+                if offset == 0 or shares is None:  # an epoch starts (or a run resumes)
+                    shares = skip(
+                        iter(
+                            dataset.batches(
+                                train=True,
+                                batch=config.train.batch_size,
+                                epoch=epoch,
+                                seed=config.seed,
+                            )
+                        ),
+                        offset,
+                    )
+                chunk = [next(shares) for _ in range(next_stop - step)]
+                xs = np.stack([c[0] for c in chunk])
+                ys = np.stack([c[1] for c in chunk])
+                state, metrics = train_chunk(
+                    state, put_local(stream_sharding, xs), put_local(stream_sharding, ys)
+                )
+            else:
+                idx = epoch_indices(
+                    config.seed,
+                    epoch,
+                    num_train,
+                    plan.steps_per_epoch,
+                    config.train.batch_size,
+                )[offset : offset + next_stop - step]
+                state, metrics = train_chunk(state, _put(idx, replicated), images, labels)
             host = {k: np.asarray(_local(v)) for k, v in metrics.items()}
             bad = np.flatnonzero(~np.isfinite(host["loss"]))
             if bad.size:
@@ -557,12 +663,18 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
                 # feasible model; bits flip often near the budget, so epoch ends miss most.
                 if _feasible(inspect(state["params"]), budgets):
                     last_eval = run_eval(state, step)
-            stop = STOP_REQUESTED.is_set() or (should_stop is not None and should_stop(step))
+            stop = _any_process(
+                STOP_REQUESTED.is_set() or (should_stop is not None and should_stop(step))
+            )
             if (
                 step == plan.total_steps
                 or stop
                 or (at_epoch_end and step % plan.checkpoint_every_steps == 0)
             ):
+                # With several processes orbax ends each async save at a barrier named after
+                # the step alone: a best/ save of this same step still in flight would meet
+                # this one's barrier ("already ongoing") and fail the run. One at a time.
+                best_ckpt.wait()
                 ckpt.save(step, state, metadata=meta, force=True)
             if stop and step < plan.total_steps:
                 status = "stopped"

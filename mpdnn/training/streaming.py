@@ -1,0 +1,140 @@
+"""Host-streamed input for datasets that do not fit on the device (ImageNet).
+
+The device-resident path of :mod:`mpdnn.training.trainer` keeps a whole dataset on the
+accelerators (CIFAR-10 is 150 MB); ImageNet is 140 GB of JPEGs, so its batches are decoded
+and augmented on the host by :class:`mpdnn.data.ImageNetBatches` (threads, a per-epoch
+permutation shared by every process, each process decoding only its share of each global
+batch) and fed to the same jitted training chunk, ``train.steps_per_call`` batches per call.
+
+``data.name = "imagenet"`` always streams (``data.dir`` is a prepared tfds data_dir);
+``data.stream = True`` streams any in-memory dataset through the same pipeline (its uint8
+images as records), which is how the path is tested without ImageNet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+
+from mpdnn import data as mdata
+
+
+class Records(Sequence):
+    """An in-memory split as random-access records ``{"image": uint8 HWC, "label": int}``."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"image": self.images[index], "label": int(self.labels[index])}
+
+
+@dataclasses.dataclass
+class StreamingData:
+    """What the trainer needs of a streamed dataset: its splits as records and its shape."""
+
+    name: str
+    train: Sequence[Any]
+    test: Sequence[Any]
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    image_size: int
+    eval_resize: int
+    workers: int
+    description: str
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test)
+
+    def batches(self, *, train: bool, batch: int, epoch: int, seed: int):
+        """One epoch of this process's shares of global batches (see ImageNetBatches)."""
+        return mdata.ImageNetBatches(
+            self.train if train else self.test,
+            batch,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            seed=seed,
+            epoch=epoch,
+            train=train,
+            size=self.image_size,
+            resize=self.eval_resize,
+            num_workers=self.workers,
+        )
+
+
+def streaming_data(config: ml_collections.ConfigDict, loaded=None) -> StreamingData:
+    """The streamed dataset of ``config``: ImageNet from ``data.dir``, or ``loaded`` (an
+    :class:`~mpdnn.data.ArrayDataset`) as records when ``data.stream`` is set."""
+    d = config.data
+    size = int(d.get("image_size", 224))
+    resize = int(d.get("eval_resize", 256))
+    workers = int(d.get("workers", 16))
+    if d.name == "imagenet":
+        train = mdata.imagenet_source(d.dir, "train")
+        test = mdata.imagenet_source(d.dir, "validation")
+        return StreamingData(
+            "imagenet",
+            train,
+            test,
+            (size, size, 3),
+            1000,
+            size,
+            resize,
+            workers,
+            f"imagenet2012 from {d.dir or 'the default tfds data_dir'}",
+        )
+    assert loaded is not None
+    channels = loaded.image_shape[-1]
+    if channels != 3:
+        raise mdata.DataError(
+            f"data.stream needs RGB images (the ImageNet preprocessing), {loaded.name} has "
+            f"{channels} channels"
+        )
+    return StreamingData(
+        loaded.name,
+        Records(loaded.train_images, loaded.train_labels),
+        Records(loaded.test_images, loaded.test_labels),
+        (size, size, channels),
+        loaded.num_classes,
+        size,
+        resize,
+        workers,
+        loaded.description + " (streamed, ImageNet preprocessing)",
+    )
+
+
+def skip(iterator: Iterator, count: int) -> Iterator:
+    """``iterator`` after its first ``count`` items (a resumed run, mid-epoch)."""
+    for _ in range(count):
+        next(iterator, None)
+    return iterator
+
+
+def put_local(sharding: NamedSharding, local: np.ndarray) -> jax.Array:
+    """A global array from every process's local rows along the sharded axis."""
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def padded(images: np.ndarray, labels: np.ndarray, batch: int):
+    """A local eval share padded to ``batch`` rows, with its mask (a short last batch, or an
+    absent one on some processes)."""
+    n = len(labels)
+    pad = batch - n
+    if pad:
+        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+        labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+    return images, labels, np.arange(batch) < n
