@@ -12,12 +12,15 @@ from mpdnn.training import config as cfg
 from mpdnn.training.trainer import train_and_evaluate
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-# experiments/cifar10/ holds one generated file per row of the paper's tables (39); they are
-# checked in tests/test_cifar10_rows.py and smoke-trained in tests/test_reproduce_cifar10.py.
+# experiments/cifar10/ and experiments/imagenet/ hold one generated file per row of the
+# paper's tables; tests/test_cifar10_rows.py and tests/test_imagenet_configs.py check them
+# all and smoke-train a sample (each smoke run compiles a network: 49 of them would take CI
+# minutes, not seconds).
+GENERATED = ("cifar10", "imagenet")
 CONFIGS = sorted(
     p
     for p in EXPERIMENTS.rglob("*.py")
-    if "get_config" in p.read_text() and "cifar10" not in p.relative_to(EXPERIMENTS).parts
+    if "get_config" in p.read_text() and not set(GENERATED) & set(p.relative_to(EXPERIMENTS).parts)
 )
 
 
