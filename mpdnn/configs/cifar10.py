@@ -40,7 +40,6 @@ Modifiers (``:arg``, comma-separated):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import textwrap
 from pathlib import Path
@@ -48,6 +47,7 @@ from typing import Any
 
 import ml_collections
 
+from mpdnn.configs import _generate
 from mpdnn.training.config import base_config
 
 WEIGHT_BUDGET_KB = 70.1  # SPEC §8
@@ -292,17 +292,8 @@ def row_file(name: str) -> str:
 
 
 def write_row_files(directory: Path) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in ROWS:
-        path = directory / f"{name}.py"
-        path.write_text(row_file(name))
-        written.append(path)
-    return written
+    return _generate.write_row_files(directory, ROWS, row_file)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write experiments/cifar10/<row>.py files.")
-    parser.add_argument("--write", type=Path, required=True, help="the directory to write")
-    paths = write_row_files(parser.parse_args().write)
-    print(f"wrote {len(paths)} row files to {paths[0].parent}")
+    _generate.main("cifar10", ROWS, row_file)

@@ -41,13 +41,13 @@ file) checks a row end to end on any machine.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import textwrap
 from pathlib import Path
 
 import ml_collections
 
+from mpdnn.configs import _generate
 from mpdnn.training.config import base_config
 
 CIFAR_LAMBDA = 0.1
@@ -221,17 +221,8 @@ def row_file(name: str) -> str:
 
 
 def write_row_files(directory: Path) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in ROWS:
-        path = directory / f"{name}.py"
-        path.write_text(row_file(name))
-        paths.append(path)
-    return paths
+    return _generate.write_row_files(directory, ROWS, row_file)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write experiments/imagenet/<row>.py files.")
-    parser.add_argument("--write", type=Path, required=True, help="the directory to write")
-    written = write_row_files(parser.parse_args().write)
-    print(f"wrote {len(written)} row files to {written[0].parent}")
+    _generate.main("imagenet", ROWS, row_file)
