@@ -228,8 +228,13 @@ class ImageNetBatches:
         return normalize_imagenet(images).astype(np.float32), labels
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return self.iterate()
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The epoch's batches from global batch ``start`` on (a run resumed mid-epoch
+        decodes nothing it skips)."""
         order = self.order()
-        shares = (self.local_indices(b, order) for b in range(len(self)))
+        shares = (self.local_indices(b, order) for b in range(start, len(self)))
         shares = (s for s in shares if len(s))
         pool = ThreadPoolExecutor(max_workers=self.num_workers)
         try:

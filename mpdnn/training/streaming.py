@@ -14,7 +14,7 @@ images as records), which is how the path is tested without ImageNet.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -115,13 +115,6 @@ def streaming_data(config: ml_collections.ConfigDict, loaded=None) -> StreamingD
         workers,
         loaded.description + " (streamed, ImageNet preprocessing)",
     )
-
-
-def skip(iterator: Iterator, count: int) -> Iterator:
-    """``iterator`` after its first ``count`` items (a resumed run, mid-epoch)."""
-    for _ in range(count):
-        next(iterator, None)
-    return iterator
 
 
 def put_local(sharding: NamedSharding, local: np.ndarray) -> jax.Array:

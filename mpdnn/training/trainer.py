@@ -62,7 +62,7 @@ from mpdnn.report import report
 from mpdnn.training import config as cfg
 from mpdnn.training.checkpoint import Checkpointer, CheckpointError
 from mpdnn.training.metrics import MetricsWriter, Progress
-from mpdnn.training.streaming import StreamingData, padded, put_local, skip, streaming_data
+from mpdnn.training.streaming import StreamingData, padded, put_local, streaming_data
 
 log = logging.getLogger("mpdnn.training")
 
@@ -611,17 +611,9 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
             )
             if stream:
                 if offset == 0 or shares is None:  # an epoch starts (or a run resumes)
-                    shares = skip(
-                        iter(
-                            dataset.batches(
-                                train=True,
-                                batch=config.train.batch_size,
-                                epoch=epoch,
-                                seed=config.seed,
-                            )
-                        ),
-                        offset,
-                    )
+                    shares = dataset.batches(
+                        train=True, batch=config.train.batch_size, epoch=epoch, seed=config.seed
+                    ).iterate(start=offset)
                 chunk = [next(shares) for _ in range(next_stop - step)]
                 xs = np.stack([c[0] for c in chunk])
                 ys = np.stack([c[1] for c in chunk])

@@ -10,9 +10,11 @@ installed, the same holds against torchvision's own models (random init, BN rand
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -385,22 +387,13 @@ def torchvision():
 
 
 def torchvision_model(torchvision, name: str, seed: int):
-    """A torchvision model with its own random init and BN affine/statistics randomised."""
-    import torch
-
-    torch.manual_seed(seed)
-    net = getattr(torchvision.models, name)(weights=None)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-                m.running_mean.normal_(0.0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(123)
-            elif isinstance(m, torch.nn.Linear):
-                m.bias.normal_(0.0, 0.2)
-    return net.eval()
+    """The check script's torchvision model: its own random init, BN affine, statistics and
+    linear biases randomised (one definition for the script and the tests)."""
+    path = Path(__file__).resolve().parents[2] / "scripts" / "check_torchvision_conversion.py"
+    spec = importlib.util.spec_from_file_location("check_torchvision_conversion", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.torchvision_model(name, seed)
 
 
 def test_torchvision_logits(torchvision, name, tmp_path):
