@@ -67,5 +67,7 @@ def bitwidth(theta: Theta, spec: QuantSpec) -> jax.Array:
     b_min = spec.b_range[0]
     params = canonical(theta, spec)
     if isinstance(params, Pow2Params):
-        return pow2.bits(params.qmin, params.qmax, b_min=b_min)
+        return pow2.bits(
+            params.qmin, params.qmax, b_min=b_min, signed=spec.signed, with_zero=spec.with_zero
+        )
     return uniform.bits(params.d, params.qmax, signed=spec.signed, b_min=b_min)

@@ -76,15 +76,26 @@ def _quantize_bwd(signed, with_zero, residuals, g):
 quantize.defvjp(_quantize_fwd, _quantize_bwd)
 
 
-def bits(qmin: jax.Array, qmax: jax.Array, *, b_min: float) -> jax.Array:
-    """Inferred bitwidth (SPEC §3): ``max(ceil(log2(log2(qmax/qmin) + 1) + 1), b_min)``.
+def bits(
+    qmin: jax.Array,
+    qmax: jax.Array,
+    *,
+    b_min: float,
+    signed: bool = True,
+    with_zero: bool = False,
+) -> jax.Array:
+    """Inferred bitwidth (SPEC §3): ``max(ceil(log2(log2(qmax/qmin) + 1)) + extra, b_min)``.
 
-    ``log2(qmax/qmin) + 1`` is the number of magnitudes; the ``+1`` is the sign bit
-    (weights) or the zero code (activations). Where ``qmax <= qmin`` there is one magnitude
-    (the authors' formula would take the log of a non-positive number there; its result is
-    ``b_min`` wherever it is defined, and so is ours). Both logs are exact on powers of two,
-    so a snapped quantizer never gains a phantom bit from float error.
+    ``log2(qmax/qmin) + 1`` is the number of magnitudes; ``extra`` is SPEC §3's ``+1``, the
+    sign bit (weights) or the zero code (activations), and 2 for a signed quantizer with a
+    zero code (a signed activation site, SPEC §7): its ``2·magnitudes + 1`` codes do not fit
+    in one bit less (SPEC §3 is silent on this case; found by the property tests).
+    Where ``qmax <= qmin`` there is one magnitude (the authors' formula would take the log
+    of a non-positive number there; its result is ``b_min`` wherever it is defined, and so
+    is ours). Both logs are exact on powers of two, so a snapped quantizer never gains a
+    phantom bit from float error.
     """
     levels = log2_exact(qmax / qmin) + 1.0
     safe = jnp.where(levels > 1.0, levels, lax.stop_gradient(jnp.ones_like(levels)))
-    return at_least(ceil_log2_ste(safe) + 1.0, b_min)
+    extra = 2.0 if (signed and with_zero) else 1.0
+    return at_least(ceil_log2_ste(safe) + extra, b_min)

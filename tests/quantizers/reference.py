@@ -165,4 +165,7 @@ def bits(theta: dict, spec) -> float:
     levels = math.log2(v["qmax"] / v["qmin"]) + 1.0
     if levels <= 1.0:
         return float(b_min)
-    return float(max(math.ceil(math.log2(levels) + 1.0), b_min))
+    # SPEC §3's +1 (sign or zero code); a signed grid with a zero code has 2·levels + 1
+    # codes, one bit more (SPEC §3 states only the paper's two configurations).
+    extra = 2.0 if (spec.signed and spec.with_zero) else 1.0
+    return float(max(math.ceil(math.log2(levels)) + extra, b_min))
