@@ -10,7 +10,7 @@ without it). Every user-facing failure is a one-line :class:`DataError`.
 """
 
 from mpdnn.data.augment import normalize, random_crop_flip
-from mpdnn.data.base import ArrayDataset, DataError
+from mpdnn.data.base import HOLDOUT_SEED, ArrayDataset, DataError, holdout
 from mpdnn.data.cifar10 import CIFAR10_CLASSES, find_cifar10_archive, load_cifar10
 from mpdnn.data.digits import load_digits
 from mpdnn.data.image_folder import default_cache_dir, load_image_folder
@@ -29,6 +29,7 @@ from mpdnn.data.tfds_source import default_tfds_data_dir, tfds_arrays
 
 __all__ = [
     "CIFAR10_CLASSES",
+    "HOLDOUT_SEED",
     "IMAGENET_MEAN_RGB",
     "IMAGENET_STD_RGB",
     "ArrayDataset",
@@ -37,6 +38,7 @@ __all__ = [
     "default_cache_dir",
     "default_tfds_data_dir",
     "find_cifar10_archive",
+    "holdout",
     "imagenet_source",
     "load_cifar10",
     "load_dataset",

@@ -33,6 +33,8 @@ class ArrayDataset:
         (e.g. CIFAR-10: ``2/255`` and ``-1``, i.e. ``(x/255 - 0.5)·2`` of SPEC §8).
       description: where the data came from (path, split rule), for run reports.
       class_names: label ``i`` is ``class_names[i]``; empty when the source has no names.
+      validation_images, validation_labels: images held out of the training set (see
+        :func:`holdout`), or None when the dataset has no validation split.
     """
 
     name: str
@@ -45,9 +47,14 @@ class ArrayDataset:
     pixel_offset: float
     description: str
     class_names: tuple[str, ...] = ()
+    validation_images: np.ndarray | None = None
+    validation_labels: np.ndarray | None = None
 
     def __post_init__(self):
-        for split in ("train", "test"):
+        if (self.validation_images is None) != (self.validation_labels is None):
+            raise DataError(f"{self.name}: validation images and labels come together")
+        splits = ("train", "test") + (() if self.validation_labels is None else ("validation",))
+        for split in splits:
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
                 raise DataError(
@@ -70,6 +77,10 @@ class ArrayDataset:
                     f"{self.name}: {split} labels span [{labels.min()}, {labels.max()}], "
                     f"outside [0, {self.num_classes})"
                 )
+        if self.validation_images is not None and (
+            self.validation_images.shape[1:] != self.train_images.shape[1:]
+        ):
+            raise DataError(f"{self.name}: validation images differ in shape from train images")
         if self.train_images.shape[1:] != self.test_images.shape[1:]:
             raise DataError(
                 f"{self.name}: train images are {self.train_images.shape[1:]} but test images "
@@ -95,6 +106,10 @@ class ArrayDataset:
     def num_test(self) -> int:
         return len(self.test_labels)
 
+    @property
+    def num_validation(self) -> int:
+        return 0 if self.validation_labels is None else len(self.validation_labels)
+
 
 def take_per_class(
     images: np.ndarray, labels: np.ndarray, max_per_class: int | None
@@ -108,3 +123,68 @@ def take_per_class(
     for c in np.unique(labels):
         keep[np.flatnonzero(labels == c)[:max_per_class]] = True
     return images[keep], labels[keep]
+
+
+#: The seed of every validation split: fixed, so that runs of any ``seed`` (and every arm of
+#: a study) hold out the same images and their validation errors compare.
+HOLDOUT_SEED = 20200501
+
+
+def _stratified_counts(labels: np.ndarray, total: int) -> dict[int, int]:
+    """``total`` split over the classes in proportion to their sizes (largest remainder)."""
+    classes, sizes = np.unique(labels, return_counts=True)
+    exact = total * sizes / sizes.sum()
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]:
+        counts[i] += 1
+    return {int(c): int(n) for c, n in zip(classes, counts, strict=True)}
+
+
+def holdout(dataset: ArrayDataset, validation_size: int, *, train_size: int = 0) -> ArrayDataset:
+    """Hold ``validation_size`` training images out as a validation split; keep
+    ``train_size`` of the rest for training (0: all of them).
+
+    Both are stratified (every class in proportion to its share of the training set) and
+    drawn with the fixed :data:`HOLDOUT_SEED`, whatever the run's seed, so every run of a
+    study sees the same three splits. The test split is untouched. Raises a one-line
+    :class:`DataError` when the sizes do not fit the training set.
+    """
+    n = dataset.num_train
+    if validation_size < 0 or train_size < 0:
+        raise DataError(
+            f"validation_size={validation_size} and train_size={train_size} must be >= 0"
+        )
+    if validation_size + train_size > n or validation_size >= n:
+        raise DataError(
+            f"{dataset.name}: cannot hold out {validation_size} validation images"
+            + (f" and train on {train_size}" if train_size else "")
+            + f" from {n} training images"
+        )
+    if not validation_size and not train_size:
+        return dataset
+    labels = dataset.train_labels
+    rng = np.random.default_rng(HOLDOUT_SEED)
+    order = rng.permutation(n)  # one permutation; classes are read off it in order
+    held = _stratified_counts(labels, validation_size)
+    val_idx, rest_idx = [], []
+    for c, v in held.items():
+        members = order[labels[order] == c]
+        val_idx.append(members[:v])
+        rest_idx.append(members[v:])
+    rest = np.concatenate(rest_idx)
+    if train_size:
+        keep = _stratified_counts(labels[rest], train_size)
+        rest = np.concatenate([rest[labels[rest] == c][:k] for c, k in keep.items()])
+    val = np.sort(np.concatenate(val_idx))
+    rest = np.sort(rest)
+    what = f"{len(val)} training images held out for validation (stratified, seed {HOLDOUT_SEED})"
+    if train_size:
+        what += f", {len(rest)} of the rest trained on"
+    return dataclasses.replace(
+        dataset,
+        train_images=dataset.train_images[rest],
+        train_labels=labels[rest],
+        validation_images=dataset.train_images[val] if validation_size else None,
+        validation_labels=labels[val] if validation_size else None,
+        description=f"{dataset.description}; {what}",
+    )
