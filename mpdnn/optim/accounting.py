@@ -299,15 +299,30 @@ class Accounting:
 
         Differentiable w.r.t. the learned θ (straight-through through the bitwidth, SPEC §3).
         """
+        return aggregate([q.kind for q in self.quantizers], self._tensor_kb(params))
+
+    def _tensor_kb(self, params: Any) -> list[jax.Array]:
+        """KB of every counted tensor, in the order of :attr:`quantizers`."""
         lookup = leaves_by_path(params)
-        pairs = [(q.spec, self._theta(lookup, q)) for q in self.quantizers]
-        bits = grouped_bits(pairs)
-        kb = [tensor_kb(q.numel, b) for q, b in zip(self.quantizers, bits, strict=True)]
-        return aggregate([q.kind for q in self.quantizers], kb)
+        bits = grouped_bits([(q.spec, self._theta(lookup, q)) for q in self.quantizers])
+        return [tensor_kb(q.numel, b) for q, b in zip(self.quantizers, bits, strict=True)]
 
     def __call__(self, params: Any) -> dict[str, jax.Array]:
         """:meth:`sizes` as a dict: the ``size_fn`` the budget transforms take."""
         return self.sizes(params)._asdict()
+
+    def with_tensors(self, params: Any) -> dict[str, jax.Array]:
+        """:meth:`__call__` plus ``"act_kb"``, every activation tensor's KB in forward order.
+
+        The ``size_fn`` for a budget on every activation tensor, ``Budget("act_kb", L)``:
+        its feasible set is that of ``Budget("act_max_kb", L)``, but each tensor above ``L``
+        gets its own gradient, where the max gives it all to its first argmax.
+        """
+        kb = self._tensor_kb(params)
+        kinds = [q.kind for q in self.quantizers]
+        acts = [s for k, s in zip(kinds, kb, strict=True) if k == "activation"]
+        act_kb = jnp.stack(acts) if acts else jnp.zeros([0], jnp.float32)
+        return {**aggregate(kinds, kb)._asdict(), "act_kb": act_kb}
 
     def min_sizes(self) -> dict[str, float]:
         """Sizes (KB) of the smallest model training can reach.

@@ -69,26 +69,39 @@ class Budget(NamedTuple):
 
     Attributes:
       size: key of the ``size_fn`` output: ``"weight_kb"``, ``"act_max_kb"`` or
-        ``"act_sum_kb"`` for an :class:`~mpdnn.optim.accounting.Accounting`.
+        ``"act_sum_kb"`` for an :class:`~mpdnn.optim.accounting.Accounting`, or
+        ``"act_kb"`` of :meth:`Accounting.with_tensors <mpdnn.optim.Accounting.with_tensors>`:
+        a vector size is one constraint per element, all with this limit.
       limit_kb: the limit in KB (> 0).
       strength: λ of :func:`budget_penalty`, a float or an ``optax.Schedule`` of the step
         count (ignored by :func:`budget_lagrangian`). The paper uses 0.1 on CIFAR-10.
+      margin: ε in ``[0, 1)``: the transforms aim at ``(1 − ε) · limit_kb`` (the penalty
+        and the multipliers act from there), while :func:`check_feasible`, the trainer and
+        :func:`freeze_quantizer_params` judge the budget at ``limit_kb``. A controller that
+        chatters around its target then chatters inside the feasible set.
     """
 
     size: str
     limit_kb: float
     strength: float | optax.Schedule = 0.1
+    margin: float = 0.0
+
+    @property
+    def target_kb(self) -> float:
+        return (1.0 - float(self.margin)) * float(self.limit_kb)
 
 
 class BudgetState(NamedTuple):
-    """State of :func:`budget_penalty` and :func:`budget_lagrangian`, one entry per budget.
+    """State of :func:`budget_penalty` and :func:`budget_lagrangian`, one entry per
+    constraint: per budget, in the order given, one for a scalar size and one per element
+    for a vector size (``"act_kb"``).
 
     Attributes:
       count: number of updates done (int32).
-      multipliers: ``[num_budgets]``. Penalty: the λ_j(count) of the last update (at init,
-        λ_j(0)). Lagrangian: the current multipliers, which the next update uses.
-      violations: ``[num_budgets]``, ``g_j = S_j − L_j`` (KB) at the params the last update
-        saw (zeros at init); ``≤ 0`` means the budget is met.
+      multipliers: ``[num_constraints]``. Penalty: the λ_j(count) of the last update (at
+        init, λ_j(0)). Lagrangian: the current multipliers, which the next update uses.
+      violations: ``[num_constraints]``, ``g_j = S_j − (1 − ε_j)·L_j`` (KB) at the params
+        the last update saw (zeros at init); ``≤ 0`` means the target is met.
     """
 
     count: jax.Array
@@ -107,19 +120,40 @@ def _check_budgets(budgets: Sequence[Budget]) -> tuple[Budget, ...]:
             raise ValueError(f"budget limit must be > 0 KB, got {b.size} ≤ {b.limit_kb}")
         if not callable(b.strength) and not float(b.strength) >= 0:
             raise ValueError(f"budget strength must be ≥ 0, got {b.strength} for {b.size}")
+        if not 0.0 <= float(b.margin) < 1.0:
+            raise ValueError(f"budget margin must be in [0, 1), got {b.margin} for {b.size}")
     return budgets
 
 
+def _sizes_of(size_fn: SizeFn, budgets: tuple[Budget, ...], params: Any) -> list[jax.Array]:
+    """Each budget's size at ``params``, flattened (a scalar size is one element)."""
+    sizes = size_fn(params)
+    missing = [b.size for b in budgets if b.size not in sizes]
+    if missing:
+        raise ValueError(f"size_fn gives {sorted(sizes)}, no {missing} to budget")
+    return [jnp.ravel(jnp.asarray(sizes[b.size], jnp.float32)) for b in budgets]
+
+
+def _constraint_counts(size_fn: SizeFn, budgets: tuple[Budget, ...], params: Any) -> list[int]:
+    """Constraints per budget (1 for a scalar size, its length for a vector), by shape only."""
+    shapes = jax.eval_shape(lambda p: _sizes_of(size_fn, budgets, p), params)
+    return [int(s.shape[0]) for s in shapes]
+
+
+def _per_constraint(values: Sequence[Any], counts: Sequence[int]) -> jax.Array:
+    """One value per budget repeated over its constraints: ``[num_constraints]``."""
+    return jnp.concatenate(
+        [jnp.full([n], v, jnp.float32) for v, n in zip(values, counts, strict=True)]
+    )
+
+
 def _violations_and_vjp(size_fn: SizeFn, budgets: tuple[Budget, ...], params: Any):
-    """``g = S − L`` per budget at ``params`` and the VJP ``c ↦ Σ_j c_j ∇_params g_j``."""
-    limits = jnp.array([b.limit_kb for b in budgets], jnp.float32)
+    """``g = S − (1 − ε)·L`` per constraint at ``params`` and the VJP
+    ``c ↦ Σ_j c_j ∇_params g_j``."""
 
     def violations(p):
-        sizes = size_fn(p)
-        missing = [b.size for b in budgets if b.size not in sizes]
-        if missing:
-            raise ValueError(f"size_fn gives {sorted(sizes)}, no {missing} to budget")
-        return jnp.stack([jnp.asarray(sizes[b.size], jnp.float32) for b in budgets]) - limits
+        sizes = _sizes_of(size_fn, budgets, p)
+        return jnp.concatenate([s - b.target_kb for s, b in zip(sizes, budgets, strict=True)])
 
     g, vjp = jax.vjp(violations, params)
     return g, lambda c: vjp(c)[0]
@@ -134,12 +168,22 @@ def _add(updates: Any, extra: Any) -> Any:
     )
 
 
+def feasible(size_fn: SizeFn, budgets: Sequence[Budget], params: Any) -> jax.Array:
+    """Whether ``params`` meet every budget at its limit (margins ignored): a bool array,
+    usable under ``jit``. A vector size meets its budget when every element does."""
+    budgets = _check_budgets(budgets)
+    sizes = _sizes_of(size_fn, budgets, params)
+    ok = [jnp.all(s <= b.limit_kb) for s, b in zip(sizes, budgets, strict=True)]
+    return jnp.all(jnp.stack(ok))
+
+
 def budget_penalty(size_fn: SizeFn, budgets: Sequence[Budget]) -> optax.GradientTransformation:
     """The paper's budget penalty as a transform: adds its gradient to the updates.
 
     ``updates ← updates + ∇_params Σ_j λ_j(count) · max(0, g_j)²``, with
-    ``g_j = size_fn(params)[size_j] − limit_j`` in KB (SPEC §6). So
-    ``∂/∂θ = Σ_j 2 λ_j max(0, g_j) ∂S_j/∂θ``: zero while every budget is met.
+    ``g_j = size_fn(params)[size_j] − (1 − ε_j)·limit_j`` in KB (SPEC §6; ε = 0 in the
+    paper). So ``∂/∂θ = Σ_j 2 λ_j max(0, g_j) ∂S_j/∂θ``: zero while every target is met.
+    A vector size (``"act_kb"``) is one term per element: ``Σ_t λ · max(0, S_t − L)²``.
 
     Args:
       size_fn: ``params -> {size name: KB}``, e.g. an
@@ -152,24 +196,26 @@ def budget_penalty(size_fn: SizeFn, budgets: Sequence[Budget]) -> optax.Gradient
     """
     budgets = _check_budgets(budgets)
 
-    def strengths(count):
-        return jnp.stack(
+    def strengths(count, counts):
+        return _per_constraint(
             [
-                jnp.asarray(b.strength(count) if callable(b.strength) else b.strength, jnp.float32)
+                jnp.asarray(b.strength(count) if callable(b.strength) else b.strength)
                 for b in budgets
-            ]
+            ],
+            counts,
         )
 
     def init_fn(params):
-        del params
+        counts = _constraint_counts(size_fn, budgets, params)
         count = jnp.zeros([], jnp.int32)
-        zeros = jnp.zeros([len(budgets)], jnp.float32)
-        return BudgetState(count=count, multipliers=strengths(count), violations=zeros)
+        zeros = jnp.zeros([sum(counts)], jnp.float32)
+        return BudgetState(count=count, multipliers=strengths(count, counts), violations=zeros)
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError(_NO_PARAMS)
-        lam = strengths(state.count)
+        counts = _constraint_counts(size_fn, budgets, params)
+        lam = strengths(state.count, counts)
         g, vjp = _violations_and_vjp(size_fn, budgets, params)
         updates = _add(updates, vjp(2.0 * lam * jnp.maximum(g, 0.0)))
         return updates, BudgetState(optax.safe_increment(state.count), lam, g)
@@ -191,7 +237,8 @@ def budget_lagrangian(
         updates ← updates + ∇_params Σ_j λ_j · g_j        (the current λ_j)
         λ_j     ← max(0, λ_j + η · g_j)                    (stored for the next update)
 
-    where ``g_j = size_fn(params)[size_j] − limit_j`` (KB). λ_j grows while budget j is
+    where ``g_j = size_fn(params)[size_j] − (1 − ε_j)·limit_j`` (KB), one multiplier per
+    constraint (per element of a vector size). λ_j grows while budget j is
     violated and shrinks, never below 0, while it is met, so the pull on θ settles where the
     budget binds: no λ to tune. ``Budget.strength`` is ignored.
 
@@ -219,8 +266,7 @@ def budget_lagrangian(
         raise ValueError(f"dual_learning_rate must be > 0, got {dual_learning_rate}")
 
     def init_fn(params):
-        del params
-        n = len(budgets)
+        n = sum(_constraint_counts(size_fn, budgets, params))
         return BudgetState(
             count=jnp.zeros([], jnp.int32),
             multipliers=jnp.full([n], initial_multiplier, jnp.float32),
@@ -265,6 +311,7 @@ def check_feasible(accounting: Accounting, budgets: Sequence[Budget]) -> None:
     fixed, TQT and float tensors at their bits. It is printed in the message.
     """
     smallest = accounting.min_sizes()
+    smallest["act_kb"] = smallest["act_max_kb"]  # every tensor within L iff the max is
     for b in _check_budgets(budgets):
         if b.size in smallest and b.limit_kb < smallest[b.size]:
             raise ValueError(
@@ -451,6 +498,88 @@ def project_quantizer_params(
 
 
 # ----------------------------------------------------------------------------------------
+# Ours, beyond the paper: freezing the quantizers once the budgets are met.
+
+
+class FreezeState(NamedTuple):
+    """State of :func:`freeze_quantizer_params`.
+
+    Attributes:
+      count: number of updates done (int32).
+      frozen_at: the update count at which θ froze (the parameters it saw are the frozen
+        ones), or −1 while they are not frozen (int32).
+    """
+
+    count: jax.Array
+    frozen_at: jax.Array
+
+    @property
+    def frozen(self) -> jax.Array:
+        return self.frozen_at >= 0
+
+
+def freeze_quantizer_params(
+    accounting: Accounting,
+    budgets: Sequence[Budget] = (),
+    *,
+    start_step: int = 0,
+    size_fn: SizeFn | None = None,
+) -> optax.GradientTransformation:
+    """Freeze every learned quantizer θ from the first update at or after ``start_step``
+    whose ``params`` meet every budget (at its limit, margins ignored); ours, SPEC §13.
+
+    From then on the updates of every θ leaf are zero, so θ (and the bits, steps and ranges
+    they set) stay exactly at values that meet every budget, whatever the transforms before
+    this one added; the other leaves pass unchanged. Place it last in the chain (after
+    :func:`project_quantizer_params`). With no budgets θ freeze at ``start_step``.
+
+    The budget transforms earlier in the chain still run after the freeze but reach only θ,
+    whose updates this zeroes: the update of every other leaf is exactly that of the same
+    chain without budgets.
+
+    Args:
+      accounting: which leaves are θ.
+      budgets: the :class:`Budget` s to meet before freezing.
+      start_step: the update count from which a feasible update freezes.
+      size_fn: the sizes the budgets name (default ``accounting.with_tensors``).
+    """
+    budgets = tuple(Budget(*b) for b in budgets)
+    size_fn = accounting.with_tensors if size_fn is None else size_fn
+    learned = set(accounting.learned_paths())
+
+    def init_fn(params):
+        del params
+        return FreezeState(count=jnp.zeros([], jnp.int32), frozen_at=jnp.full([], -1, jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(_NO_PARAMS)
+        ok = feasible(size_fn, budgets, params) if budgets else jnp.bool_(True)
+        now = (~state.frozen) & (state.count >= start_step) & ok
+        frozen_at = jnp.where(now, state.count, state.frozen_at)
+        frozen = frozen_at >= 0
+
+        def zero(key_path, u):
+            if u is None or dotted_path(key_path) not in learned:
+                return u
+            return jnp.where(frozen, jnp.zeros_like(u), u)
+
+        updates = jax.tree_util.tree_map_with_path(zero, updates, is_leaf=lambda x: x is None)
+        return updates, FreezeState(optax.safe_increment(state.count), frozen_at)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def freeze_values(opt_state: Any) -> FreezeState | None:
+    """The :class:`FreezeState` inside ``opt_state``, or None (no freeze in the chain)."""
+    found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, FreezeState))
+    state = next((s for s in found if isinstance(s, FreezeState)), None)
+    if state is None:
+        return None
+    return FreezeState(*(v[...] if isinstance(v, nnx.Variable) else v for v in state))
+
+
+# ----------------------------------------------------------------------------------------
 # The optimizer of the authors' code.
 
 
@@ -471,6 +600,61 @@ def sgd_nnabla(
     )
 
 
+class LogSpaceState(NamedTuple):
+    """State of :func:`sgd_log_space`: the update count and the velocity in ``log θ``."""
+
+    count: jax.Array
+    trace: Any
+
+
+def sgd_log_space(
+    learning_rate: float | optax.Schedule, momentum: float = 0.0
+) -> optax.GradientTransformation:
+    """NNabla-style momentum SGD on ``log θ`` for positive leaves (quantizer θ; ours).
+
+    With ``u = log θ`` the gradient is ``∂L/∂u = θ · ∂L/∂θ``, so::
+
+        v ← m·v + lr · θ · g,      θ ← θ · exp(−v)
+
+    Every step is a relative change of θ, whatever its scale: a step size d = 2^-8 moves
+    as readily as 0.5, one octave of d (one bit) is ``|v| = ln 2``, and θ stay positive. It
+    replaces what the authors' ±d clip does crudely (their step is at most ``lr·d``, so also
+    relative) without saturating: a gradient twice as large moves θ twice as far, so the
+    penalty's pull stays proportional to λ, the violation and a layer's number of values.
+    Needs ``params``; the updates returned are ``θ·(exp(−v) − 1)``.
+    """
+
+    def init_fn(params):
+        return LogSpaceState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(_NO_PARAMS)
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        trace = jax.tree.map(
+            lambda v, g, p: momentum * v + jnp.asarray(lr, v.dtype) * p * g,
+            state.trace,
+            updates,
+            params,
+        )
+        steps = jax.tree.map(lambda v, p: p * jnp.expm1(-v), trace, params)
+        return steps, LogSpaceState(optax.safe_increment(state.count), trace)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _quant_labels(accounting: Accounting):
+    """``params -> labels``: ``"quant"`` on every learned θ leaf, ``"rest"`` elsewhere."""
+    learned = set(accounting.learned_paths())
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda kp, _: "quant" if dotted_path(kp) in learned else "rest", params
+        )
+
+    return labels
+
+
 def budget_chain(
     accounting: Accounting,
     budgets: Sequence[Budget],
@@ -482,25 +666,53 @@ def budget_chain(
     margin: float = 1e-5,
     dual_learning_rate: float | optax.Schedule = DUAL_LEARNING_RATE,
     initial_multiplier: float = 0.0,
+    clip: bool = True,
+    quant_learning_rate_scale: float = 1.0,
+    quant_momentum: float | None = None,
+    quant_update: str = "linear",
+    freeze_step: int | None = None,
 ) -> optax.GradientTransformation:
-    """The authors' full update as one chain (module docstring), budgets checked up front.
+    """The whole update of a run as one chain, budgets checked up front.
 
-    ``method``: ``"penalty"`` (the paper) or ``"lagrangian"``. Without budgets the chain is
-    weight decay → NNabla momentum → projection (the authors project θ in every run, and
-    clip gradients only with a budget). Raises ValueError for a budget below
-    :meth:`Accounting.min_sizes` (the message gives the minimum).
+    With the defaults it is the authors' update (module docstring): budget term (penalty or
+    Lagrangian) → weight decay on every parameter → the ±d / ±qmin clip of θ gradients
+    (only with a budget) → NNabla momentum SGD → projection of θ into their boxes. Without
+    budgets: weight decay → SGD → projection (the authors project θ in every run). A model
+    without learned θ gets no clip and no projection.
+
+    Ours, beyond the paper (SPEC §13):
+
+    * ``clip=False`` drops the clip;
+    * ``quant_learning_rate_scale``, ``quant_momentum`` (None: ``momentum``) and
+      ``quant_update`` (``"linear"``: SGD on raw θ; ``"log"``: :func:`sgd_log_space`) give
+      θ an update of their own (``optax.partition`` by path), the weights keeping theirs;
+    * ``freeze_step``: :func:`freeze_quantizer_params` last, from that update count;
+    * a :class:`Budget`'s ``margin`` moves its transform's target below its limit; a budget
+      on ``"act_kb"`` penalises every activation tensor (sizes from
+      :meth:`Accounting.with_tensors`).
+
+    ``method``: ``"penalty"`` (the paper) or ``"lagrangian"``. ``margin`` here is the
+    projection's distance from the box edges. Raises ValueError for a budget below
+    :meth:`Accounting.min_sizes` (the message gives the minimum) and for unknown options.
     """
     if method not in ("penalty", "lagrangian"):
         raise ValueError(f"method must be 'penalty' or 'lagrangian', got {method!r}")
+    if quant_update not in ("linear", "log"):
+        raise ValueError(f"quant_update must be 'linear' or 'log', got {quant_update!r}")
+    if not quant_learning_rate_scale > 0:
+        raise ValueError(f"quant_learning_rate_scale must be > 0, got {quant_learning_rate_scale}")
+    budgets = tuple(Budget(*b) for b in budgets)
+    learned = any(q.learned for q in accounting.quantizers)
+    size_fn = accounting.with_tensors if any(b.size == "act_kb" for b in budgets) else accounting
     parts: list[optax.GradientTransformation] = []
     if budgets:
         check_feasible(accounting, budgets)
         if method == "penalty":
-            parts.append(budget_penalty(accounting, budgets))
+            parts.append(budget_penalty(size_fn, budgets))
         else:
             parts.append(
                 budget_lagrangian(
-                    accounting,
+                    size_fn,
                     budgets,
                     dual_learning_rate=dual_learning_rate,
                     initial_multiplier=initial_multiplier,
@@ -508,8 +720,39 @@ def budget_chain(
             )
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))
-    if budgets:
+    if budgets and learned and clip:
         parts.append(clip_quantizer_gradients(accounting))
-    parts.append(sgd_nnabla(learning_rate, momentum))
-    parts.append(project_quantizer_params(accounting, margin=margin))
+    quant_momentum = momentum if quant_momentum is None else quant_momentum
+    own = quant_learning_rate_scale != 1.0 or quant_momentum != momentum or quant_update != "linear"
+    if learned and own:
+        quant_lr = _scaled(learning_rate, quant_learning_rate_scale)
+        quant_tx = (
+            sgd_log_space(quant_lr, quant_momentum)
+            if quant_update == "log"
+            else sgd_nnabla(quant_lr, quant_momentum)
+        )
+        parts.append(
+            optax.partition(
+                {"quant": quant_tx, "rest": sgd_nnabla(learning_rate, momentum)},
+                _quant_labels(accounting),
+            )
+        )
+    else:
+        parts.append(sgd_nnabla(learning_rate, momentum))
+    if learned:
+        parts.append(project_quantizer_params(accounting, margin=margin))
+        if freeze_step is not None:
+            parts.append(
+                freeze_quantizer_params(
+                    accounting, budgets, start_step=freeze_step, size_fn=accounting.with_tensors
+                )
+            )
     return optax.chain(*parts)
+
+
+def _scaled(learning_rate: float | optax.Schedule, scale: float) -> float | optax.Schedule:
+    if scale == 1.0:
+        return learning_rate
+    if callable(learning_rate):
+        return lambda count: scale * learning_rate(count)
+    return scale * learning_rate

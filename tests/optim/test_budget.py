@@ -143,9 +143,11 @@ def test_budget_arguments_are_checked(resnet):
         budget_lagrangian(acc, [])
     with pytest.raises(ValueError, match="≥ 0"):
         budget_lagrangian(acc, [Budget("weight_kb", 1.0)], initial_multiplier=-1.0)
-    tx = budget_penalty(acc, [Budget("weights", 70.0)])
-    with pytest.raises(ValueError, match="no \\['weights'\\]"):
-        jax.eval_shape(tx.update, params, tx.init(params), params)
+    with pytest.raises(ValueError, match="no \\['weights'\\]"):  # at init: it counts constraints
+        budget_penalty(acc, [Budget("weights", 70.0)]).init(params)
+    with pytest.raises(ValueError, match="margin must be in"):
+        budget_penalty(acc, [Budget("weight_kb", 70.0, 0.1, 1.0)])
+    tx = budget_penalty(acc, [Budget("weight_kb", 70.0)])
     with pytest.raises(ValueError, match="params"):
         tx.update(params, tx.init(params))
 
