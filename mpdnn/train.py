@@ -126,6 +126,8 @@ def format_table(results: dict) -> str:
         final = None if r.final_test_error is None else 1 - r.final_test_error
         if r.feasible is None:
             verdict = "no budget"
+        elif r.feasible and r.delivered == "final":  # θ frozen within budget
+            verdict = f"meets (froze {r.frozen_step / r.steps_per_epoch:.1f})"
         elif r.feasible:
             verdict = f"meets (ep {r.best_feasible_step / r.steps_per_epoch:.0f})"
         else:
@@ -142,8 +144,9 @@ def format_table(results: dict) -> str:
             f"{bits}"
         )
     lines.append(
-        "test acc, sizes, bits: the delivered model (with budgets: the best evaluation that "
-        "met them all; ep = its epoch); final acc: the last epoch"
+        "test acc, sizes, bits: the delivered model (with budgets: the final model when its "
+        "quantizers froze within them at epoch 'froze', else the best evaluation that met "
+        "them all, at epoch 'ep'); final acc: the last epoch"
     )
     return "\n".join(lines)
 

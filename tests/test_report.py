@@ -136,6 +136,7 @@ def test_workdir_reports_the_delivered_model_of_a_finished_run(tmp_path, capsys)
 
     config = tiny_config(max_steps=2, steps_per_call=1)
     config.budget.weight_kb = 2.0  # met from the start (4-bit start: ~1.3 KB)
+    config.budget.recipe = "paper"  # the best evaluation within budget is delivered
     result = train_and_evaluate(config, tmp_path)
     assert result.delivered == "best_feasible"
     main(["--workdir", str(tmp_path)])

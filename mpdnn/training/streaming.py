@@ -38,6 +38,19 @@ class Records(Sequence):
         return {"image": self.images[index], "label": int(self.labels[index])}
 
 
+class Subset(Sequence):
+    """The records of ``source`` at ``indices``, in that order."""
+
+    def __init__(self, source: Sequence[Any], indices: np.ndarray):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.source[int(self.indices[index])]
+
+
 @dataclasses.dataclass
 class StreamingData:
     """What the trainer needs of a streamed dataset: its splits as records and its shape."""
@@ -73,6 +86,27 @@ class StreamingData:
             size=self.image_size,
             resize=self.eval_resize,
             num_workers=self.workers,
+        )
+
+    def recalibration_batches(self, *, batch: int, count: int, seed: int):
+        """This process's shares of ``count`` un-augmented training batches for BatchNorm
+        recalibration: a fixed random subset of the training split (a function of ``seed``, the
+        same at every recalibration), with the evaluation preprocessing."""
+        count = max(1, min(count, self.num_train // batch))
+        order = np.random.default_rng([seed, 0xB2]).permutation(self.num_train)[: count * batch]
+        return iter(
+            mdata.ImageNetBatches(
+                Subset(self.train, order),
+                batch,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                seed=seed,
+                train=False,
+                drop_remainder=True,
+                size=self.image_size,
+                resize=self.eval_resize,
+                num_workers=self.workers,
+            )
         )
 
 

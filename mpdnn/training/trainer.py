@@ -76,7 +76,15 @@ class TrainingError(RuntimeError):
 
 @dataclasses.dataclass
 class RunResult:
-    """What a run delivered; ``summary.json`` holds the same as JSON."""
+    """What a run delivered; ``summary.json`` holds the same as JSON.
+
+    ``selection`` says how ``best_feasible_*`` was chosen: on the validation split
+    (``data.validation_size``), or on the test set, the authors' way, labelled as such.
+    ``authors_test_error`` is the authors' selection (SPEC §6: the lowest test error among
+    evaluations within every budget; with a validation split only when
+    ``train.eval_feasible_every`` asks for it). Test errors of a run with a validation
+    split are of the final and the selected model, each evaluated once at the end.
+    """
 
     name: str  # the config's name
     workdir: str
@@ -84,12 +92,21 @@ class RunResult:
     step: int
     total_steps: int
     steps_per_epoch: int
+    recipe: str  # budget.recipe: "paper" or "mpdnn"
+    selection: str  # "validation" or "test (the authors')"
     final_test_error: float | None
-    best_test_error: float | None  # best evaluation, budgets ignored (the authors' pick)
-    best_feasible_test_error: float | None  # best evaluation that met every budget
+    final_validation_error: float | None
+    best_test_error: float | None  # lowest test error of any evaluation, budgets ignored
+    best_feasible_test_error: float | None  # the selected evaluation that met every budget
+    best_feasible_validation_error: float | None
     best_feasible_step: int | None
+    authors_test_error: float | None  # the authors' selection, labelled as theirs
+    authors_step: int | None
+    frozen_step: int | None  # θ frozen at this step's values (budget.freeze_epoch)
     feasible: bool | None  # None: no budget
-    delivered: str | None  # "best_feasible", "final" (no budget) or None (none met budgets)
+    # "final" (no budget, or θ frozen within every budget), "best_feasible" or None (no
+    # model met every budget)
+    delivered: str | None
     delivered_test_error: float | None
     delivered_sizes: dict[str, float]  # of the delivered model (final when none)
     budgets: dict[str, float]
@@ -106,6 +123,8 @@ class RunResult:
 
 
 def load_data(config: ml_collections.ConfigDict) -> mdata.ArrayDataset:
+    """The in-memory dataset of ``config``, with its validation split held out when
+    ``data.validation_size`` (or ``data.train_size``) asks for one."""
     d = config.data
     extra = {}
     if d.name == "synthetic":
@@ -115,13 +134,16 @@ def load_data(config: ml_collections.ConfigDict) -> mdata.ArrayDataset:
             num_test=d.synthetic_test,
             num_classes=d.get("synthetic_classes", 10),
         )
-    return mdata.load_dataset(
+    dataset = mdata.load_dataset(
         d.name,
         data_dir=d.dir,
         cache_dir=d.cache_dir,
         max_per_class=d.max_per_class or None,
         seed=config.seed,
         **extra,
+    )
+    return mdata.holdout(
+        dataset, int(d.get("validation_size", 0)), train_size=int(d.get("train_size", 0))
     )
 
 
@@ -193,38 +215,61 @@ def make_mesh(num_devices: int) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
+def budget_terms(
+    config: ml_collections.ConfigDict, budgets: dict[str, float], recipe: cfg.Recipe
+) -> list[optim.Budget]:
+    """The :class:`~mpdnn.optim.Budget` s of a run: its limits, λ and the recipe's margin; an
+    act-max budget with ``max_gradient="all"`` becomes one on every activation tensor
+    (``"act_kb"``), which has the same feasible set."""
+    terms = []
+    for size, limit in budgets.items():
+        name = "act_kb" if size == "act_max_kb" and recipe.max_gradient == "all" else size
+        terms.append(optim.Budget(name, limit, cfg.strength(config, size, limit), recipe.margin))
+    return terms
+
+
+def freeze_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int | None:
+    """The step from which θ freeze at the first feasible update (None: never). The
+    recipe's own epoch moves to the middle of a run that ``train.max_steps`` ends before it
+    (a smoke run would never freeze, so never deliver); an epoch set in the config stays."""
+    recipe = cfg.recipe(config)
+    if recipe.freeze_epoch is None:
+        return None
+    step = int(round(recipe.freeze_epoch * steps_per_epoch))
+    total = cfg.schedule_steps(config, steps_per_epoch)
+    if config.budget.get("freeze_epoch") is None and step >= total:
+        step = total // 2
+    return step
+
+
 def make_optimizer(
     config: ml_collections.ConfigDict,
     accounting: optim.Accounting,
     budgets: dict[str, float],
     steps_per_epoch: int,
 ) -> optax.GradientTransformation:
-    """The authors' update order (SPEC §6): budget term → weight decay → quantizer-gradient
-    clipping (while a budget is active) → NNabla momentum SGD → projection of θ."""
+    """The run's update (:func:`mpdnn.optim.budget_chain`): the authors' order (SPEC §6),
+    budget term → weight decay → quantizer-gradient clipping (while a budget is active) →
+    NNabla momentum SGD → projection of θ, with the recipe's options (SPEC §13)."""
     o = config.optim
+    recipe = cfg.recipe(config)
     boundaries = {int(e) * steps_per_epoch: o.decay_factor for e in o.decay_epochs if int(e) > 0}
     lr = optax.piecewise_constant_schedule(o.learning_rate, boundaries)
-    parts = []
-    learned = any(q.learned for q in accounting.quantizers)
-    if budgets:
-        terms = [optim.Budget(k, v, cfg.strength(config, k)) for k, v in budgets.items()]
-        if config.budget.method == "penalty":
-            parts.append(optim.budget_penalty(accounting, terms))
-        else:
-            parts.append(
-                optim.budget_lagrangian(
-                    accounting, terms, dual_learning_rate=config.budget.dual_learning_rate
-                )
-            )
-    if o.weight_decay:
-        parts.append(optax.add_decayed_weights(o.weight_decay))
-    if budgets and learned and config.budget.clip_quantizer_gradients:
-        parts.append(optim.clip_quantizer_gradients(accounting))
-    parts.append(optim.sgd_nnabla(lr, o.momentum))
-    if learned:
-        margin = config.budget.projection_margin
-        parts.append(optim.project_quantizer_params(accounting, margin=margin))
-    return optax.chain(*parts)
+    return optim.budget_chain(
+        accounting,
+        budget_terms(config, budgets, recipe),
+        lr,
+        method=config.budget.method,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        margin=config.budget.projection_margin,
+        dual_learning_rate=config.budget.dual_learning_rate,
+        clip=recipe.clip_quantizer_gradients,
+        quant_learning_rate_scale=recipe.quant_lr_scale,
+        quant_momentum=recipe.quant_momentum,
+        quant_update=recipe.quant_update,
+        freeze_step=freeze_step(config, steps_per_epoch),
+    )
 
 
 def check_budgets(budgets: dict[str, float], accounting: optim.Accounting) -> None:
@@ -278,6 +323,7 @@ def make_steps(
     dataset: mdata.ArrayDataset | StreamingData,
     config: ml_collections.ConfigDict,
     mesh: Mesh,
+    recal_graphdef=None,
 ):
     """The jitted training chunk (``lax.scan`` over steps) and the jitted evaluation.
 
@@ -288,6 +334,7 @@ def make_steps(
     batch = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     stream = isinstance(dataset, StreamingData)
+    track_bits = any(q.learns_bits for q in accounting.quantizers)
     # Streamed batches arrive normalised (ImageNet mean/std) and augmented on the host.
     scale, offset = (1.0, 0.0) if stream else (dataset.pixel_scale, dataset.pixel_offset)
     augment = config.data.augment
@@ -316,12 +363,13 @@ def make_steps(
             params, state["rest"], x, y
         )
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        sizes = accounting(params)
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-            **sizes,
+            **accounting(params),
         }
+        if track_bits:  # per-tensor bits of every step: the bit changes of the diagnostics
+            metrics["bits"] = tensor_bits(accounting, params)
         new_state = {
             "step": state["step"] + 1,
             "params": optax.apply_updates(params, updates),
@@ -392,7 +440,94 @@ def make_steps(
     evaluate = scanned_eval if scan else looped_eval
     if stream:
         evaluate = partial(_streamed_eval, one_eval, dataset, config, mesh)
-    return train_chunk, evaluate
+    recalibrate = None
+    if recal_graphdef is not None:
+        recalibrate = Recalibrator(graphdef, recal_graphdef, scale, offset, batch, scan)
+    return train_chunk, evaluate, recalibrate
+
+
+def recalibration_graphdef(model: nnx.Module):
+    """The graph of ``model`` with every BatchNorm's momentum at 0 (for
+    :class:`Recalibrator`); ``model`` itself is left as it was."""
+    bns = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0
+    graphdef = nnx.split(model, nnx.Param, ...)[0]
+    for bn, momentum in zip(bns, momenta, strict=True):
+        bn.momentum = momentum
+    return graphdef
+
+
+class Recalibrator:
+    """BatchNorm's running statistics re-estimated on un-augmented training batches, in
+    train mode: ``(params, rest, ...) -> (rest, stat_error)``.
+
+    Each batch runs with every BatchNorm's momentum at 0 (``recal_graphdef``), so its
+    running statistics become exactly that batch's (mean and biased variance over batch and
+    space, what BatchNorm normalises with); the new running statistics are their average
+    over the batches, and every other leaf of ``rest`` is returned unchanged. ``stat_error``
+    says how far the old statistics were from the new ones: the mean over BatchNorms of the
+    mean over channels of ``|μ_old − μ| / sqrt(σ² + ε)`` and of
+    ``|log((σ²_old + ε) / (σ² + ε))|``.
+
+    :meth:`indexed` takes device-resident images and ``[n, B]`` indices (scanned on
+    accelerators); :meth:`over` takes already normalised device batches (streamed data).
+    """
+
+    def __init__(self, graphdef, recal_graphdef, scale, offset, batch: NamedSharding, scan):
+        self.scan = scan
+
+        def batch_stats(params, rest, x):
+            x = jax.lax.with_sharding_constraint(mdata.normalize(x, scale, offset), batch)
+            model = nnx.merge(recal_graphdef, params, rest, copy=True)
+            model(x)
+            return nnx.state(model, nnx.BatchStat)
+
+        def finish(params, rest, total, n: int):
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            bns = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+            old = [(bn.mean[...], bn.var[...]) for bn in bns]
+            nnx.update(model, jax.tree.map(lambda t: t / n, total))
+            errors = [jnp.zeros([2])]
+            for bn, (mu_old, var_old) in zip(bns, old, strict=True):
+                eps = bn.epsilon
+                mu, var = bn.mean[...], bn.var[...]
+                shift = jnp.mean(jnp.abs(mu_old - mu) / jnp.sqrt(var + eps))
+                ratio = jnp.mean(jnp.abs(jnp.log((var_old + eps) / (var + eps))))
+                errors.append(jnp.stack([shift, ratio]))
+            error = jnp.sum(jnp.stack(errors), axis=0) / max(len(bns), 1)
+            return nnx.split(model, nnx.Param, ...)[2], error
+
+        @jax.jit
+        def scanned(params, rest, idx, images):
+            def one(total, i):
+                return jax.tree.map(jnp.add, total, batch_stats(params, rest, images[i])), None
+
+            first = batch_stats(params, rest, images[idx[0]])
+            total = jax.lax.scan(one, first, idx[1:])[0]
+            return finish(params, rest, total, idx.shape[0])
+
+        self._scanned = scanned
+        self._stats = jax.jit(batch_stats)
+        self._indexed_stats = jax.jit(lambda p, r, i, images: batch_stats(p, r, images[i]))
+        self._finish = jax.jit(finish, static_argnums=3)
+
+    def _accumulate(self, params, rest, stats):
+        total, n = None, 0
+        for one in stats:
+            total = one if total is None else jax.tree.map(jnp.add, total, one)
+            n += 1
+        return self._finish(params, rest, total, n)
+
+    def indexed(self, params, rest, idx, images):
+        if self.scan:
+            return self._scanned(params, rest, idx, images)
+        stats = (self._indexed_stats(params, rest, i, images) for i in idx)
+        return self._accumulate(params, rest, stats)
+
+    def over(self, params, rest, batches):
+        return self._accumulate(params, rest, (self._stats(params, rest, x) for x in batches))
 
 
 def _streamed_eval(one_eval, data: StreamingData, config, mesh: Mesh, params, rest):
@@ -426,48 +561,75 @@ def epoch_indices(seed: int, epoch: int, num_train: int, steps: int, batch: int)
     return out
 
 
-def _test_arrays(dataset: mdata.ArrayDataset, eval_batch: int):
-    """The test set padded to whole batches, shaped ``[batches, batch, ...]``, and its mask."""
-    n = len(dataset.test_labels)
+def _eval_arrays(images: np.ndarray, labels: np.ndarray, eval_batch: int):
+    """An evaluation split padded to whole batches, shaped ``[batches, batch, ...]``, and
+    its mask."""
+    n = len(labels)
     batches = math.ceil(n / eval_batch)
     pad = batches * eval_batch - n
-    images = np.concatenate([dataset.test_images, np.zeros((pad, *dataset.image_shape), np.uint8)])
-    labels = np.concatenate([dataset.test_labels, np.zeros(pad, np.int32)])
+    shape = images.shape[1:]
+    images = np.concatenate([images, np.zeros((pad, *shape), np.uint8)])
+    labels = np.concatenate([labels, np.zeros(pad, np.int32)])
     mask = np.arange(batches * eval_batch) < n
-    shape = (batches, eval_batch)
-    return images.reshape(*shape, *dataset.image_shape), labels.reshape(shape), mask.reshape(shape)
+    batched = (batches, eval_batch)
+    return images.reshape(*batched, *shape), labels.reshape(batched), mask.reshape(batched)
 
 
-# ----------------------------------------------------------------------------- loop
+def tensor_bits(accounting: optim.Accounting, params) -> jax.Array:
+    """``[num tensors]``: the bits of every counted tensor (a per-channel θ's mean), in the
+    order of ``accounting.quantizers``."""
+    from mpdnn.optim.accounting import grouped_bits
+
+    thetas = [(q.spec, accounting.theta(params, q)) for q in accounting.quantizers]
+    return jnp.stack([jnp.mean(b) for b in grouped_bits(thetas)])
+
+
+def _step_ratios(accounting: optim.Accounting, params) -> dict[str, jax.Array]:
+    """q/d of every learned U3 tensor: ``qmax`` over its power-of-two step, whose distance
+    to the nearest ``k + ½`` shows how close a tensor sits to a bit flip."""
+    out = {}
+    for q in accounting.quantizers:
+        if q.spec is None or (q.spec.family, q.spec.parametrization) != ("uniform", "d_qmax"):
+            continue
+        if "d" not in q.learned:
+            continue
+        theta = accounting.theta(params, q)
+        d = jnp.exp2(jnp.round(jnp.log2(theta["d"]))) if q.spec.pow2_step else theta["d"]
+        out[f"{q.site}.{q.tensor}"] = jnp.mean(theta["qmax"] / d)
+    return out
 
 
 def make_inspect(accounting: optim.Accounting):
     """A jitted ``params -> (sizes, {tensor: bits}, {tensor: KB})`` for logging (eager, the
-    bitwidth graph would compile op by op at every evaluation)."""
-    from mpdnn.optim.accounting import KB, grouped_bits
+    bitwidth graph would compile op by op at every evaluation); ``ratios=True`` adds
+    :func:`_step_ratios`."""
+    from mpdnn.optim.accounting import KB
 
     names = [f"{q.site}.{q.tensor}" for q in accounting.quantizers]
     numels = [q.numel for q in accounting.quantizers]
 
     @jax.jit
     def inspect(params):
-        thetas = [(q.spec, accounting.theta(params, q)) for q in accounting.quantizers]
-        bits = [jnp.mean(b) for b in grouped_bits(thetas)]
-        return accounting(params), bits
+        return accounting(params), tensor_bits(accounting, params), _step_ratios(accounting, params)
 
-    def host(params, *, per_tensor: bool = False):
-        sizes, bits = inspect(_local(params))
+    def host(params, *, per_tensor: bool = False, ratios: bool = False):
+        sizes, bits, q_over_d = inspect(_local(params))
         sizes = {k: float(v) for k, v in sizes.items()}
         if not per_tensor:
             return sizes
-        bits = [float(b) for b in bits]
+        bits = [float(b) for b in np.asarray(bits)]
         kb = {n: m * b / KB for n, m, b in zip(names, numels, bits, strict=True)}
-        return sizes, dict(zip(names, bits, strict=True)), kb
+        out = (sizes, dict(zip(names, bits, strict=True)), kb)
+        if ratios:
+            out += ({k: float(v) for k, v in q_over_d.items()},)
+        return out
 
+    host.names = names
     return host
 
 
 def _feasible(sizes: dict[str, float], budgets: dict[str, float]) -> bool:
+    """Whether ``sizes`` meet every budget at its limit (margins play no part here)."""
     return all(sizes[k] <= v for k, v in budgets.items())
 
 
@@ -520,6 +682,7 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
     chief = jax.process_index() == 0
     if chief:
         (workdir / "config.json").write_text(config.to_json(indent=1) + "\n")
+    recipe = cfg.recipe(config)
 
     if config.data.name == "imagenet":
         dataset = streaming_data(config)
@@ -528,6 +691,11 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
         if config.data.get("stream"):
             dataset = streaming_data(config, dataset)
     stream = isinstance(dataset, StreamingData)
+    if stream and (config.data.validation_size or config.data.train_size):
+        raise cfg.ConfigError(
+            "data.validation_size and data.train_size are not supported for streamed data "
+            "yet: hold a validation split out of the tfds data instead"
+        )
     num_train = dataset.num_train if stream else len(dataset.train_labels)
     num_test = dataset.num_test if stream else len(dataset.test_labels)
     plan = cfg.schedule(config, num_train)
@@ -546,6 +714,7 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
     tx = make_optimizer(config, accounting, budgets, plan.steps_per_epoch)
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    recal_graphdef = recalibration_graphdef(model) if recipe.bn_recalibration else None
     model.eval()
     eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
     model.train()
@@ -554,23 +723,52 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
         {"step": jnp.int32(0), "params": params, "rest": rest, "opt_state": tx.init(params)},
         replicated,
     )
+    validation = None
     if stream:  # batches come from the host, call by call
         images = labels = None
         test = ()
     else:
         images, labels = _put((dataset.train_images, dataset.train_labels), replicated)
-        test = _put(_test_arrays(dataset, eval_batch), replicated)
-    train_chunk, evaluate = make_steps(
-        graphdef, eval_graphdef, tx, accounting, dataset, config, mesh
+        test = _put(_eval_arrays(dataset.test_images, dataset.test_labels, eval_batch), replicated)
+        if dataset.num_validation:
+            validation = _put(
+                _eval_arrays(dataset.validation_images, dataset.validation_labels, eval_batch),
+                replicated,
+            )
+    train_chunk, evaluate, recalibrate = make_steps(
+        graphdef, eval_graphdef, tx, accounting, dataset, config, mesh, recal_graphdef
     )
+    recal = None  # (params, rest) -> (rest, stat_error)
+    if recalibrate is not None and stream:
+        batch_sharding = NamedSharding(mesh, P("data"))
+        recal_batches = partial(
+            dataset.recalibration_batches,
+            batch=config.train.batch_size,
+            count=recipe.bn_recalibration,
+            seed=config.seed,
+        )
+
+        def recal(params, rest):
+            batches = (put_local(batch_sharding, x) for x, _ in recal_batches())
+            return recalibrate.over(params, rest, batches)
+
+    elif recalibrate is not None:
+        recal_idx = _put(
+            recalibration_indices(
+                config.seed, num_train, config.train.batch_size, recipe.bn_recalibration
+            ),
+            replicated,
+        )
+        recal = partial(recalibrate.indexed, idx=recal_idx, images=images)
 
     inspect = make_inspect(accounting)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=2)
     best_ckpt = Checkpointer(workdir / "best", max_to_keep=1)
-    meta: dict[str, Any] = {"best_error": None, "best_feasible": None}
+    meta: dict[str, Any] = {"best_error": None, "best_feasible": None, "authors": None}
     restored = ckpt.restore(state)
     if restored is not None:
         _, state, meta = restored
+        meta.setdefault("authors", None)
         if chief:
             print(f"resuming {workdir} from step {int(_local(state['step']))}", file=sys.stderr)
     step = int(_local(state["step"]))
@@ -579,36 +777,36 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
     progress = Progress(
         plan.total_steps, step, enabled=chief, desc=config.name, bar=config.train.progress
     )
+    evaluator = Evaluator(
+        evaluate=evaluate,
+        recalibrate=recal,
+        test=(test, num_test),
+        validation=None if validation is None else (validation, dataset.num_validation),
+        authors=config.train.eval_feasible_every > 0,
+        inspect=inspect,
+        budgets=budgets,
+        meta=meta,
+        writer=writer,
+        progress=progress,
+        best_ckpt=best_ckpt,
+        steps_per_epoch=plan.steps_per_epoch,
+    )
+    diagnostics = Diagnostics(inspect.names, budgets, inspect(state["params"], per_tensor=True)[1])
     status = "completed"
     last_eval = None
-
-    def run_eval(state, step: int, *, save_best: bool = True) -> dict[str, Any]:
-        return _evaluate(
-            state,
-            step,
-            evaluate=evaluate,
-            test=test,
-            num_test=num_test,
-            inspect=inspect,
-            budgets=budgets,
-            meta=meta,
-            writer=writer,
-            progress=progress,
-            best_ckpt=best_ckpt,
-            steps_per_epoch=plan.steps_per_epoch,
-            save_best=save_best,
-        )
+    frozen_at = _frozen_at(state)
+    feasible_every = config.train.eval_feasible_every if budgets else 0
+    last_feasible_eval = step
 
     shares = None  # streamed data: this epoch's batches
     stream_sharding = NamedSharding(mesh, P(None, "data"))  # [steps, batch, ...]
     try:
         while step < plan.total_steps:
             epoch, offset = divmod(step, plan.steps_per_epoch)
-            next_stop = min(
-                plan.total_steps,
-                (epoch + 1) * plan.steps_per_epoch,
-                step + config.train.steps_per_call,
-            )
+            call = config.train.steps_per_call
+            if feasible_every:  # the authors' selection checks the budgets at call ends
+                call = min(call, feasible_every)
+            next_stop = min(plan.total_steps, (epoch + 1) * plan.steps_per_epoch, step + call)
             if stream:
                 if offset == 0 or shares is None:  # an epoch starts (or a run resumes)
                     shares = dataset.batches(
@@ -643,18 +841,25 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
                     )
                 )
             step = next_stop
-            means = {k: float(v.mean()) for k, v in host.items()}
+            diagnostics.add(host)
+            means = {k: float(v.mean()) for k, v in host.items() if k != "bits"}
             writer.write("train", step, means)
             progress.update(step, {"loss": means["loss"], "acc": means["accuracy"]})
+            if frozen_at is None and (frozen_at := _frozen_at(state)) is not None:
+                progress.write(
+                    f"step {step}: every quantizer frozen at step {frozen_at}, within every "
+                    "budget; the weights train on"
+                )
 
             at_epoch_end = step % plan.steps_per_epoch == 0 or step == plan.total_steps
             if at_epoch_end and (step % plan.eval_every_steps == 0 or step == plan.total_steps):
-                last_eval = run_eval(state, step)
-            elif budgets and config.train.eval_when_feasible:
+                state, last_eval = evaluator(state, step, diagnostics=diagnostics.flush())
+            elif feasible_every and step - last_feasible_eval >= feasible_every:
                 # The authors evaluate whenever the budgets are met, to keep the best
                 # feasible model; bits flip often near the budget, so epoch ends miss most.
                 if _feasible(inspect(state["params"]), budgets):
-                    last_eval = run_eval(state, step)
+                    state, last_eval = evaluator(state, step, authors_only=True)
+                    last_feasible_eval = step
             stop = _any_process(
                 STOP_REQUESTED.is_set() or (should_stop is not None and should_stop(step))
             )
@@ -672,9 +877,9 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
                 status = "stopped"
                 progress.write(f"stopping at step {step}: checkpoint saved in {ckpt.directory}")
                 break
-        if status == "completed" and last_eval is None:
-            # Resumed a finished run: evaluate again for the summary.
-            last_eval = run_eval(state, step, save_best=False)
+        if status == "completed" and (last_eval is None or last_eval["step"] != step):
+            # Resumed a finished run (or ended on an authors' evaluation): evaluate again.
+            state, last_eval = evaluator(state, step, save_best=False)
     finally:
         progress.close()
         ckpt.close()
@@ -685,25 +890,46 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
             final.save(
                 step,
                 {"params": state["params"], "rest": state["rest"]},
-                metadata={"test_error": last_eval["test_error"]},
+                metadata={"test_error": last_eval.get("test_error")},
                 force=True,
             )
-    # The delivered model: the best evaluation that met every budget, or the final one when
-    # there is no budget. With budgets and no feasible evaluation nothing is delivered, and
-    # the report shows the final (over-budget) model, marked as such.
+    final_sizes = inspect(state["params"])
+    freezes = freeze_step(config, plan.steps_per_epoch) is not None and budgets
+    final_error = last_eval.get("test_error") if last_eval else None
+    best = meta["best_feasible"]
+    if validation is not None and status == "completed":
+        # Selection on the validation split: the test set sees the final model and the
+        # selected one, once each.
+        final_error = evaluator.test_error(state)
+        if best is not None:
+            with Checkpointer(workdir / "best", max_to_keep=1, async_save=False) as saved:
+                chosen = saved.restore({"params": state["params"], "rest": state["rest"]})[1]
+            best = {**best, "test_error": evaluator.test_error(chosen)}
+            meta["best_feasible"] = best
+    # The delivered model: the frozen final one, or the best evaluation that met every
+    # budget, or the final one when there is no budget. With budgets and no feasible model
+    # nothing is delivered, and the report shows the final (over-budget) model, marked so.
     delivered = {"params": state["params"], "rest": state["rest"]}
-    delivered_error = last_eval["test_error"] if last_eval else None
-    if budgets:
-        delivered_error = (meta["best_feasible"] or {}).get("test_error")
-        if meta["best_feasible"] is not None:
-            with Checkpointer(workdir / "best", max_to_keep=1, async_save=False) as best:
-                delivered = best.restore(delivered)[1]
+    if not budgets:
+        kind, delivered_error, feasible = "final", final_error, None
+    elif freezes:
+        feasible = frozen_at is not None and _feasible(final_sizes, budgets)
+        if frozen_at is not None and not feasible:  # a frozen θ cannot leave the budget
+            raise TrainingError(f"{workdir}: frozen at step {frozen_at} but over budget")
+        kind, delivered_error = ("final", final_error) if feasible else (None, None)
+    else:
+        feasible = best is not None
+        kind = "best_feasible" if feasible else None
+        delivered_error = best.get("test_error") if feasible else None
+        if feasible:
+            with Checkpointer(workdir / "best", max_to_keep=1, async_save=False) as saved:
+                delivered = saved.restore(delivered)[1]
     layer_report = report(
         nnx.merge(graphdef, *_local((delivered["params"], delivered["rest"]))),
         name=config.model.name,
     )
-    final_sizes = inspect(state["params"])
     delivered_sizes = inspect(delivered["params"])
+    authors = meta.get("authors") if (config.train.eval_feasible_every or not validation) else None
     result = RunResult(
         name=config.name,
         workdir=str(workdir),
@@ -711,17 +937,24 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
         step=step,
         total_steps=plan.total_steps,
         steps_per_epoch=plan.steps_per_epoch,
-        final_test_error=last_eval["test_error"] if last_eval else None,
+        recipe=recipe.name,
+        selection="validation" if validation is not None else "test (the authors')",
+        final_test_error=final_error,
+        final_validation_error=last_eval.get("validation_error") if last_eval else None,
         best_test_error=meta["best_error"],
-        best_feasible_test_error=(meta["best_feasible"] or {}).get("test_error"),
-        best_feasible_step=(meta["best_feasible"] or {}).get("step"),
-        feasible=(meta["best_feasible"] is not None) if budgets else None,
-        delivered=("best_feasible" if meta["best_feasible"] else None) if budgets else "final",
+        best_feasible_test_error=(best or {}).get("test_error"),
+        best_feasible_validation_error=(best or {}).get("validation_error"),
+        best_feasible_step=(best or {}).get("step"),
+        authors_test_error=(authors or {}).get("test_error"),
+        authors_step=(authors or {}).get("step"),
+        frozen_step=frozen_at,
+        feasible=feasible,
+        delivered=kind,
         delivered_test_error=delivered_error,
         delivered_sizes=delivered_sizes,
         budgets=budgets,
         final_sizes=final_sizes,
-        verdicts=_verdicts(budgets, final_sizes, meta["best_feasible"]),
+        verdicts=_verdicts(budgets, final_sizes, delivered_sizes if feasible else None),
         layers=layer_report["layers"],
         wall_time_s=time.perf_counter() - start,
     )
@@ -731,67 +964,205 @@ def _train_and_evaluate(config, workdir: Path, should_stop, command: str) -> Run
         _write_outputs(workdir, config, result, layer_report, command)
     if budgets and status == "completed" and not result.feasible:
         log.error(
-            "NO evaluation of %s met every budget %s: there is no deliverable model",
+            "NO %s of %s met every budget %s: there is no deliverable model",
+            f"step after epoch {recipe.freeze_epoch:g}" if freezes else "evaluation",
             workdir,
             budgets,
         )
     return result
 
 
-def _evaluate(
-    state,
-    step: int,
-    *,
-    evaluate,
-    test,
-    num_test: int,
-    inspect,
-    budgets,
-    meta,
-    writer,
-    progress,
-    best_ckpt,
-    steps_per_epoch: int,
-    save_best: bool,
-) -> dict[str, Any]:
-    """Test error, sizes, feasibility and per-tensor bits; keeps the best feasible model."""
-    wrong, ce = evaluate(state["params"], state["rest"], *test)
-    error = float(_local(wrong)) / num_test
-    sizes, bits, kb = inspect(state["params"], per_tensor=True)
-    feasible = _feasible(sizes, budgets)
-    record = {
-        "epoch": step / steps_per_epoch,
-        "test_error": error,
-        "test_loss": float(_local(ce)) / num_test,
-        **sizes,
-        "feasible": feasible,
-        "bits": bits,
-        "kb": kb,
-    }
-    budget_state = optim.budget_values(state["opt_state"])
-    if budget_state is not None:
-        record["multipliers"] = np.asarray(_local(budget_state.multipliers)).tolist()
-    if meta["best_error"] is None or error < meta["best_error"]:
-        meta["best_error"] = error
-    best = meta["best_feasible"]
-    if save_best and feasible and (best is None or error < best["test_error"]):
-        meta["best_feasible"] = {"step": step, "test_error": error, **sizes}
-        best_ckpt.save(
-            step,
-            {"params": state["params"], "rest": state["rest"]},
-            metadata=meta["best_feasible"],
-            force=True,
+def _frozen_at(state) -> int | None:
+    """The step at whose parameters every quantizer θ froze, or None."""
+    frozen = optim.freeze_values(state["opt_state"])
+    if frozen is None:
+        return None
+    at = int(np.asarray(_local(frozen.frozen_at)))
+    return at if at >= 0 else None
+
+
+def recalibration_indices(seed: int, num_train: int, batch: int, batches: int) -> np.ndarray:
+    """``[n, batch]`` training-image indices for BatchNorm recalibration: the same ones at
+    every recalibration of a run (a fixed function of the seed, so resumes agree), at most
+    the whole training set (``n ≤ num_train // batch``)."""
+    n = max(1, min(batches, num_train // batch))
+    order = np.random.default_rng([seed, 0xB2]).permutation(num_train)
+    return order[: n * batch].reshape(n, batch).astype(np.int32)
+
+
+class Diagnostics:
+    """Per-epoch diagnostics from every step's metrics: the fraction of steps within every
+    budget and how often each tensor's bits changed (:meth:`flush` at each evaluation)."""
+
+    def __init__(self, names: list[str], budgets: dict[str, float], bits: dict[str, float]):
+        self.names = names
+        self.budgets = budgets
+        self.previous = np.asarray([bits[n] for n in names], np.float32)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps = 0
+        self.within = 0
+        self.changes = np.zeros(len(self.names), np.int64)
+
+    def add(self, host: dict[str, np.ndarray]) -> None:
+        n = len(host["loss"])
+        self.steps += n
+        if self.budgets:
+            ok = np.ones(n, bool)
+            for size, limit in self.budgets.items():
+                ok &= host[size] <= limit
+            self.within += int(ok.sum())
+        if "bits" in host:
+            bits = host["bits"]
+            history = np.concatenate([self.previous[None], bits])
+            self.changes += np.sum(history[1:] != history[:-1], axis=0)
+            self.previous = bits[-1]
+
+    def flush(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"steps": self.steps}
+        if self.budgets:
+            out["within_budget"] = self.within / max(self.steps, 1)
+        out["bit_changes"] = {n: int(c) for n, c in zip(self.names, self.changes, strict=True) if c}
+        self._reset()
+        return out
+
+
+class Evaluator:
+    """The evaluations of one run: BatchNorm recalibrated first, sizes and feasibility, the
+    selection metric (validation error, else test error: the authors' way), the best
+    feasible model kept in ``best/``, the authors' selection tracked, one record logged.
+
+    ``meta`` (checkpointed with the state) holds ``best_error`` (lowest test error, budgets
+    ignored), ``best_feasible`` (the selected model) and ``authors`` (the lowest test error
+    among evaluations that met every budget: the authors' selection, SPEC §6).
+    """
+
+    def __init__(
+        self,
+        *,
+        evaluate,
+        recalibrate,
+        test,
+        validation,
+        authors: bool,
+        inspect,
+        budgets,
+        meta,
+        writer,
+        progress,
+        best_ckpt,
+        steps_per_epoch: int,
+    ):
+        self.evaluate = evaluate
+        self.recalibrate = recalibrate
+        self.test, self.num_test = test
+        self.validation = validation
+        self.authors = authors
+        self.inspect = inspect
+        self.budgets = budgets
+        self.meta = meta
+        self.writer = writer
+        self.progress = progress
+        self.best_ckpt = best_ckpt
+        self.steps_per_epoch = steps_per_epoch
+
+    def _error(self, model, arrays, count: int) -> tuple[float, float]:
+        wrong, ce = self.evaluate(model["params"], model["rest"], *arrays)
+        return float(_local(wrong)) / count, float(_local(ce)) / count
+
+    def test_error(self, model) -> float:
+        """Test error of ``model`` (``{"params", "rest"}``), as it is."""
+        return self._error(model, self.test, self.num_test)[0]
+
+    def __call__(
+        self,
+        state,
+        step: int,
+        *,
+        diagnostics=None,
+        save_best: bool = True,
+        authors_only: bool = False,
+    ):
+        """Evaluate ``state`` at ``step``; returns the (recalibrated) state and the record.
+
+        ``authors_only``: an evaluation for the authors' selection (a feasible step between
+        epoch ends): the test set; with a validation split it selects nothing.
+        """
+        record: dict[str, Any] = {"epoch": step / self.steps_per_epoch, "step": step}
+        if self.recalibrate is not None:
+            rest, error = self.recalibrate(state["params"], state["rest"])
+            state = {**state, "rest": rest}
+            shift, ratio = (float(v) for v in np.asarray(_local(error)))
+            record["bn_stat_error"] = {"mean_shift": shift, "log_var_ratio": ratio}
+        sizes, bits, kb, ratios = self.inspect(state["params"], per_tensor=True, ratios=True)
+        feasible = _feasible(sizes, self.budgets)
+        meta = self.meta
+        on_validation = self.validation is not None
+        selected = None
+        if on_validation and not authors_only:
+            selected, record["validation_loss"] = self._error(state, *self.validation)
+            record["validation_error"] = selected
+        if not on_validation or (self.authors and (feasible or not self.budgets)):
+            record["test_error"], record["test_loss"] = self._error(state, self.test, self.num_test)
+            if not on_validation:  # the authors' selection is the only one there is
+                selected = record["test_error"]
+        test_error = record.get("test_error")
+        if test_error is not None:
+            if meta["best_error"] is None or test_error < meta["best_error"]:
+                meta["best_error"] = test_error
+            authors = meta.get("authors")
+            if feasible and (authors is None or test_error < authors["test_error"]):
+                meta["authors"] = {"step": step, "test_error": test_error}
+        best = meta["best_feasible"]
+        key = "validation_error" if self.validation is not None else "test_error"
+        if (
+            save_best
+            and selected is not None
+            and feasible
+            and (best is None or selected < best[key])
+        ):
+            meta["best_feasible"] = {
+                "step": step,
+                "test_error": test_error,
+                "validation_error": record.get("validation_error"),
+                **sizes,
+            }
+            self.best_ckpt.save(
+                step,
+                {"params": state["params"], "rest": state["rest"]},
+                metadata=meta["best_feasible"],
+                force=True,
+            )
+        record.update(sizes)
+        record.update(feasible=feasible, bits=bits, kb=kb)
+        if ratios:
+            record["q_over_d"] = ratios
+        budget_state = optim.budget_values(state["opt_state"])
+        if budget_state is not None:
+            record["multipliers"] = np.asarray(_local(budget_state.multipliers)).tolist()
+        frozen = _frozen_at(state)
+        if frozen is not None:
+            record["frozen_step"] = frozen
+        if diagnostics:
+            record.update(diagnostics)
+        # An evaluation that selects nothing (the authors' alone) is logged apart.
+        kind = "authors_eval" if authors_only and on_validation else "eval"
+        self.writer.write(kind, step, record)
+        sizes_text = " ".join(f"{k}={v:.2f}" for k, v in sizes.items())
+        errors = " ".join(
+            f"{name} error {record[k]:.4f}"
+            for name, k in (("validation", "validation_error"), ("test", "test_error"))
+            if k in record
         )
-    writer.write("eval", step, record)
-    sizes_text = " ".join(f"{k}={v:.2f}" for k, v in sizes.items())
-    progress.write(
-        f"step {step} epoch {record['epoch']:.1f}: test error {error:.4f} {sizes_text}"
-        + ("" if not budgets else (" feasible" if feasible else " over budget"))
-    )
-    return record
+        self.progress.write(
+            f"step {step} epoch {record['epoch']:.1f}: {errors} {sizes_text}"
+            + ("" if not self.budgets else (" feasible" if feasible else " over budget"))
+        )
+        return state, record
 
 
-def _verdicts(budgets, final_sizes, best_feasible) -> dict[str, dict[str, Any]]:
+def _verdicts(budgets, final_sizes, delivered_sizes) -> dict[str, dict[str, Any]]:
     out = {}
     for name, limit in budgets.items():
         final = final_sizes[name]
@@ -799,8 +1170,8 @@ def _verdicts(budgets, final_sizes, best_feasible) -> dict[str, dict[str, Any]]:
             "limit_kb": limit,
             "final_kb": final,
             "final_met": final <= limit,
-            "delivered_kb": None if best_feasible is None else best_feasible[name],
-            "delivered_met": best_feasible is not None,
+            "delivered_kb": None if delivered_sizes is None else delivered_sizes[name],
+            "delivered_met": delivered_sizes is not None,
         }
     return out
 

@@ -37,8 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     meets it, so the processes also save, delete and restore ``best/`` checkpoints."""
     from tests.training.test_trainer import tiny_config
 
-    c = tiny_config(max_steps=3, steps_per_call=1, eval_when_feasible=True)
+    c = tiny_config(max_steps=3, steps_per_call=1, eval_feasible_every=1)
     c.name = "multihost"
+    c.budget.recipe = "paper"  # evaluations select best/: the processes save and restore it
     c.budget.weight_kb = 0.5
     return c
 
