@@ -449,12 +449,16 @@ def write_markdown(results_dir: Path) -> Path:
             f"| {sizes_text(reduced.get('float'))} |"
         )
         for method, (label, bits, sizes, *_) in TABLE3.items():
-            r = ROWS[f"t3_{method}_{family}"]
-            lines.append(
-                f"| {label} | {bits} | {sizes} | {family} | {r.paper_text.replace(' %', '')} "
-                f"| {cell(full.get(r.name))} | {sizes_text(full.get(r.name))} "
-                f"| {cell(reduced.get(r.name))} | {sizes_text(reduced.get(r.name))} |"
-            )
+            twin = ROWS.get(f"t3_{method}_{family}_mpdnn")
+            for r, what in ((ROWS[f"t3_{method}_{family}"], label), (twin, f"{label}, mpdnn")):
+                if r is None:
+                    continue
+                lines.append(
+                    f"| {what} | {bits} | {sizes} | {family} "
+                    f"| {r.paper_text.replace(' %', '')} "
+                    f"| {cell(full.get(r.name))} | {sizes_text(full.get(r.name))} "
+                    f"| {cell(reduced.get(r.name))} | {sizes_text(reduced.get(r.name))} |"
+                )
     lines += [
         "",
         "## Runs",

@@ -27,9 +27,15 @@ def kb(values: int, bits: int) -> float:
 
 def test_every_cell_of_tables_1_and_3_has_a_row():
     names = set(cifar10.ROWS)
-    assert len(names) == 1 + 6 * 2 * 2 + 7 * 2  # float; Table 1 cells; Table 3 cells
+    # float; Table 1 cells; Table 3 cells; an mpdnn twin of each of the 6 "ours" cells
+    assert len(names) == 1 + 6 * 2 * 2 + 7 * 2 + 6
     assert sum(r.table == 1 for r in cifar10.ROWS.values()) == 25
-    assert sum(r.table == 3 for r in cifar10.ROWS.values()) == 14
+    assert sum(r.table == 3 for r in cifar10.ROWS.values()) == 20
+    twins = [r for r in cifar10.ROWS.values() if r.recipe == "mpdnn"]
+    assert {r.name.removesuffix("_mpdnn") for r in twins} == {
+        f"t3_{m}_{f}" for m in ("ours_w", "ours_w_asum", "ours_w_amax") for f in ("uniform", "pow2")
+    }
+    assert all(r.recipe == "paper" for r in cifar10.ROWS.values() if r not in twins)
 
 
 @pytest.mark.parametrize(
@@ -81,7 +87,10 @@ def test_recipe_and_modifiers():
     assert (c.optim.learning_rate, c.optim.weight_decay, c.optim.momentum) == (0.03, 2e-4, 0.9)
     assert c.init.from_workdir == "float"
     assert (c.budget.weight_kb, c.budget.act_max_kb, c.budget.act_sum_kb) == (70.1, 8.1, None)
-    assert c.budget.method == "penalty" and c.budget.strength == 0.1
+    assert c.budget.method == "penalty" and c.budget.recipe == "paper"
+    assert cfg.strength(c, "weight_kb", 70.1) == 0.1  # the paper's λ
+    twin = load("t3_ours_w_amax_uniform_mpdnn").get_config()
+    assert twin.budget.recipe == "mpdnn" and twin.budget.act_max_kb == 8.1
     assert load("t3_ours_w_asum_pow2").get_config().budget.act_sum_kb == 92.1
     random = load("t1_u1_w_random").get_config()
     assert random.init.from_workdir is None and random.optim.learning_rate == 0.1

@@ -31,14 +31,22 @@ def names(rc, *argv):
 
 def test_selection_order_follows_the_issue(rc):
     rows = names(rc, "table", "all")
-    assert len(rows) == 39 and rows[0] == "float"
+    assert len(rows) == 45 and rows[0] == "float"  # 39 cells and 6 mpdnn twins
     # Float, then Table 3's uniform column, Table 1's uniform rows, the pow2 ones.
     first_t1 = rows.index("t1_u1_w_random")
-    assert all(r.startswith("t3_") and r.endswith("_uniform") for r in rows[1:first_t1])
-    assert first_t1 == 8
+    assert all(
+        r.startswith("t3_") and r.removesuffix("_mpdnn").endswith("_uniform")
+        for r in rows[1:first_t1]
+    )
+    assert first_t1 == 11
     assert rows.index("t3_fixed_w2_pow2") > rows.index("t1_u3_wa_float")
     uniform3 = names(rc, "table", "3", "family", "uniform")
-    assert len(uniform3) == 8 and uniform3[0] == "float"  # issue 5's "8-row column"
+    assert len(uniform3) == 11 and uniform3[0] == "float"  # 8 paper rows, 3 mpdnn twins
+    assert [r for r in uniform3 if r.endswith("_mpdnn")] == [
+        "t3_ours_w_uniform_mpdnn",
+        "t3_ours_w_asum_uniform_mpdnn",
+        "t3_ours_w_amax_uniform_mpdnn",
+    ]
     assert names(rc, "rows", "t1_u3_w_float,float") == ["t1_u3_w_float", "float"]
 
 

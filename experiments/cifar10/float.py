@@ -4,7 +4,8 @@ Paper (SPEC §9, Table 1): 7.29 % test error on the original CIFAR-10. Ours runs
 JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with the paper's
 absolute numbers.
 
-Settings: weights float; activations float; from scratch, lr 0.1; no budget.
+Settings: weights float; activations float; from scratch, lr 0.1; no budget; budget.recipe =
+paper.
 
     python scripts/reproduce_cifar10.py --rows float
     python -m mpdnn.train --config experiments/cifar10/float.py \

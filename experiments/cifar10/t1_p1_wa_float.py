@@ -5,7 +5,7 @@ JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with 
 absolute numbers.
 
 Settings: weights pow2 b_qmax learned from 4 bits; activations pow2 b_qmax learned from 4
-bits; float-net init (lr 0.03); no budget.
+bits; float-net init (lr 0.03); no budget; budget.recipe = paper.
 
     # trains the float row first when runs/cifar10/float holds no final model
     python scripts/reproduce_cifar10.py --rows t1_p1_wa_float

@@ -5,7 +5,7 @@ JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with 
 absolute numbers.
 
 Settings: weights pow2 b_qmax learned from 4 bits; activations pow2 b_qmax learned from 4
-bits; random init (from scratch, lr 0.1); no budget.
+bits; random init (from scratch, lr 0.1); no budget; budget.recipe = paper.
 
     python scripts/reproduce_cifar10.py --rows t1_p1_wa_random
     python -m mpdnn.train --config experiments/cifar10/t1_p1_wa_random.py \

@@ -5,7 +5,7 @@ JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with 
 absolute numbers.
 
 Settings: weights uniform b_qmax learned from 4 bits; activations float; float-net init (lr
-0.03); no budget.
+0.03); no budget; budget.recipe = paper.
 
     # trains the float row first when runs/cifar10/float holds no final model
     python scripts/reproduce_cifar10.py --rows t1_u2_w_float

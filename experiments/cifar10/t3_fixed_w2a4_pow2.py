@@ -5,7 +5,7 @@ JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with 
 absolute numbers.
 
 Settings: weights pow2 fixed 2 bits; activations pow2 fixed 4 bits; float-net init (lr
-0.03); no budget.
+0.03); no budget; budget.recipe = paper.
 
     # trains the float row first when runs/cifar10/float holds no final model
     python scripts/reproduce_cifar10.py --rows t3_fixed_w2a4_pow2

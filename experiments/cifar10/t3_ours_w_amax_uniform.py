@@ -6,7 +6,7 @@ absolute numbers.
 
 Settings: weights uniform d_qmax learned from 4 bits; activations uniform d_qmax learned
 from 4 bits; float-net init (lr 0.03); budget weight_kb = 70.1 KB; budget act_max_kb = 8.1
-KB.
+KB; budget.recipe = paper.
 
     # trains the float row first when runs/cifar10/float holds no final model
     python scripts/reproduce_cifar10.py --rows t3_ours_w_amax_uniform

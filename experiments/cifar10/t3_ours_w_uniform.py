@@ -5,7 +5,7 @@ JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with 
 absolute numbers.
 
 Settings: weights uniform d_qmax learned from 4 bits; activations float; float-net init (lr
-0.03); budget weight_kb = 70.1 KB.
+0.03); budget weight_kb = 70.1 KB; budget.recipe = paper.
 
     # trains the float row first when runs/cifar10/float holds no final model
     python scripts/reproduce_cifar10.py --rows t3_ours_w_uniform

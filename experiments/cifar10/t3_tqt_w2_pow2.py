@@ -4,7 +4,8 @@ Paper (SPEC §9, Table 3): 8.79 % test error on the original CIFAR-10. Ours runs
 JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with the paper's
 absolute numbers.
 
-Settings: weights pow2 tqt 2 bits; activations float; float-net init (lr 0.03); no budget.
+Settings: weights pow2 tqt 2 bits; activations float; float-net init (lr 0.03); no budget;
+budget.recipe = paper.
 
     # trains the float row first when runs/cifar10/float holds no final model
     python scripts/reproduce_cifar10.py --rows t3_tqt_w2_pow2

@@ -5,7 +5,7 @@ JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with 
 absolute numbers.
 
 Settings: weights uniform tqt 2 bits; activations float; float-net init (lr 0.03); no
-budget.
+budget; budget.recipe = paper.
 
     # trains the float row first when runs/cifar10/float holds no final model
     python scripts/reproduce_cifar10.py --rows t3_tqt_w2_uniform

@@ -22,6 +22,9 @@ epochs, lr ÷ 10 after epochs 80 and 120, SGD momentum 0.9 with NNabla's update,
   at 4 bits under the paper's budgets (70.1 KB weights, 8.1 KB max or 92.1 KB summed
   activation) with the penalty λ = 0.1.
 * Pow2 networks get the authors' learnable logit scale (SPEC §6), automatically.
+* Every row pins ``budget.recipe = "paper"`` (the authors' update and selection, SPEC §6);
+  each "ours" row of Table 3 has a twin ``<row>_mpdnn`` with mpdnn's recipe (SPEC §13:
+  freeze, margin, log-space θ steps, BatchNorm recalibration), reported beside it.
 * Checkpoints every 10 epochs (and at the end and on SIGTERM); evaluation every epoch, so
   both the final-epoch and the best-epoch error are known (the authors report the best).
 
@@ -100,6 +103,7 @@ class Row:
     activations: dict[str, Any]  # quant.activations overrides
     budgets: dict[str, float]  # budget.<size> -> KB
     float_init: bool  # start from the ``float`` row's final model
+    recipe: str = "paper"  # budget.recipe: the paper's rows pin the authors' recipe
 
     @property
     def paper_text(self) -> str:
@@ -163,18 +167,26 @@ def _table3_rows() -> list[Row]:
                     a = {"mode": "learned", "family": family, "bits": 4}
                     key = "act_sum_kb" if method == "ours_w_asum" else "act_max_kb"
                     budgets[key] = ACT_SUM_BUDGET_KB if key == "act_sum_kb" else ACT_MAX_BUDGET_KB
-            rows.append(
-                Row(
-                    name=f"t3_{method}_{family}",
-                    table=3,
-                    title=f"{label}, bits {bits}, sizes {sizes}, {family}",
-                    paper_error=error,
-                    weights=w,
-                    activations=a,
-                    budgets=budgets,
-                    float_init=True,
-                )
+            row = Row(
+                name=f"t3_{method}_{family}",
+                table=3,
+                title=f"{label}, bits {bits}, sizes {sizes}, {family}",
+                paper_error=error,
+                weights=w,
+                activations=a,
+                budgets=budgets,
+                float_init=True,
             )
+            rows.append(row)
+            if budgets:  # every "ours" row has a twin with mpdnn's recipe, side by side
+                rows.append(
+                    dataclasses.replace(
+                        row,
+                        name=f"{row.name}_mpdnn",
+                        title=f"{row.title}, mpdnn's recipe (the paper's row: its number)",
+                        recipe="mpdnn",
+                    )
+                )
     return rows
 
 
@@ -192,6 +204,7 @@ def row_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown modifiers {unknown} for {name}; expected any of {MODIFIERS}")
     c = base_config()
     c.name = f"cifar10/{name}"
+    c.budget.recipe = row.recipe
     c.quant.weights.update(row.weights)
     c.quant.activations.update(row.activations)
     for size, limit in row.budgets.items():
@@ -270,6 +283,7 @@ def _settings(row: Row) -> str:
     else:
         parts.append("from scratch, lr 0.1")
     parts += [f"budget {k} = {v} KB" for k, v in row.budgets.items()] or ["no budget"]
+    parts.append(f"budget.recipe = {row.recipe}")
     return "; ".join(parts)
 
 
