@@ -122,3 +122,69 @@ def plot_bitwidths(report: Mapping[str, Any], path: str | Path, title: str | Non
     fig.suptitle("\n".join(lines), fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=130)
+
+
+def plot_diagnostics(
+    evals: list[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    budgets: Mapping[str, float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """The budget search over training, one point per evaluation (``metrics.jsonl``'s
+    ``eval`` records): sizes against their limits, the fraction of steps within every
+    budget, bit changes per epoch, every tensor's bits, and the multipliers.
+
+    These show at a glance a search that chatters (many bit changes, a low within-budget
+    fraction), one that never meets a budget, and where the quantizers froze.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = dict(budgets or {})
+    epochs = [r["epoch"] for r in evals]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True)
+    ax = axes[0][0]
+    for size, color in (("weight_kb", "#3a6ea5"), ("act_max_kb", "#e07b39")):
+        if size in budgets or size == "weight_kb":
+            ax.plot(epochs, [r[size] for r in evals], color=color, label=size)
+        if size in budgets:
+            ax.axhline(budgets[size], color=color, linestyle="--", linewidth=0.8)
+    ax.set_ylabel("KB (dashed: limits)")
+    ax.legend(fontsize=8, frameon=False)
+    ax = axes[0][1]
+    if any("within_budget" in r for r in evals):
+        ax.plot(epochs, [r.get("within_budget", float("nan")) for r in evals], color="#2a9d8f")
+        ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("steps within every budget")
+    ax = axes[1][0]
+    ax.bar(epochs, [sum(r.get("bit_changes", {}).values()) for r in evals], width=0.6)
+    ax.set_ylabel("bit changes (all tensors)")
+    ax.set_xlabel("epoch")
+    ax = axes[1][1]
+    names = [n for n in (evals[0].get("bits", {}) if evals else {}) if evals]
+    for name in names:
+        values = [r["bits"][name] for r in evals]
+        if max(values) < FLOAT_BITS:
+            ax.plot(epochs, values, linewidth=0.8, alpha=0.8)
+    ax.set_ylabel("bits per tensor")
+    ax.set_xlabel("epoch")
+    multipliers = [r.get("multipliers") for r in evals]
+    if any(m for m in multipliers):
+        twin = ax.twinx()
+        twin.plot(epochs, [sum(m or [0.0]) for m in multipliers], color="k", linestyle=":")
+        twin.set_ylabel("Σ multipliers (dotted)")
+    frozen = next((r["frozen_step"] for r in evals if r.get("frozen_step") is not None), None)
+    if frozen is not None and evals:
+        per_epoch = evals[-1]["step"] / evals[-1]["epoch"]
+        for row in axes:
+            for a in row:
+                a.axvline(frozen / per_epoch, color="grey", linewidth=0.8)
+    fig.suptitle(
+        (title or "budget search") + (" (grey: quantizers frozen)" if frozen is not None else ""),
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)

@@ -1,30 +1,37 @@
-"""``train_and_evaluate(config, workdir)``: memory-constrained training (SPEC §6–8).
+"""``train_and_evaluate(config, workdir)``: memory-constrained training (SPEC §6–8, §13).
 
 One run, from a :mod:`mpdnn.training.config` ``ConfigDict``:
 
 1. data (:mod:`mpdnn.data`) kept on the accelerators, replicated on every device; each step
    gathers its batch by index and augments it on device (SPEC §8), so input never waits on
-   the host;
+   the host; ``data.validation_size`` holds a validation split out of the training images;
 2. the model (:data:`mpdnn.models.MODELS`), optionally started from a finished float run
    (``init.from_workdir``), quantized by the config's rules;
-3. the optimizer: an ``optax.chain`` of the budget transforms (:mod:`mpdnn.optim.budget`),
-   weight decay on every parameter, the authors' quantizer-gradient clipping while a budget
-   is active, SGD with NNabla's momentum and the projection of θ into their boxes;
+3. the optimizer (:func:`mpdnn.optim.budget_chain`): the budget transforms, weight decay on
+   every parameter, NNabla's momentum SGD and the projection of θ into their boxes, with
+   the options of ``budget.recipe``: the authors' (``"paper"``: the ±d clip of θ gradients
+   while a budget is active) or ours (``"mpdnn"``: SGD on log θ, a margin under each limit,
+   every activation tensor over the act-max limit penalised, and θ frozen at the first
+   feasible step after ``budget.freeze_epoch``, after which the weights train on);
 4. data parallel over a ``Mesh`` of every device (of every host after
    ``jax.distributed.initialize``): the batch is sharded on the ``data`` axis, parameters
    and optimizer state are replicated; the same code runs on 1 device or many;
-5. ``train.steps_per_call`` steps per jitted ``lax.scan``; evaluation, checkpoint (orbax,
-   automatic resume from the latest readable one) and logging at epoch boundaries.
+5. ``train.steps_per_call`` steps per jitted ``lax.scan``; evaluation (BatchNorm statistics
+   re-estimated first when ``train.bn_recalibration`` asks), checkpoint (orbax, automatic
+   resume from the latest readable one) and logging at epoch boundaries.
 
-At the end ``workdir`` holds ``summary.json`` (final and best-feasible test error, the verdict
-of every budget, provenance), ``report.json`` (per-layer bits and memory of the delivered
-model), ``bitwidths.png``, ``metrics.jsonl``, TensorBoard events, ``checkpoints/`` (the
-latest states), ``best/`` (the best evaluation that met every budget: the delivered model)
+At the end ``workdir`` holds ``summary.json`` (final and selected errors, the verdict of
+every budget, provenance), ``report.json`` (per-layer bits and memory of the delivered
+model), ``bitwidths.png``, ``diagnostics.png`` (the budget search: sizes, steps within
+budget, bit changes, bits per tensor), ``metrics.jsonl``, TensorBoard events,
+``checkpoints/`` (the latest states), ``best/`` (the selected evaluation that met every
+budget: on the validation split when there is one, else on the test set, the authors' way)
 and ``final/`` (the final parameters, for float-net init of other runs).
 
-The delivered model meets every budget or the run says loudly that none did (SPEC §6): a
-run with budgets and no feasible evaluation returns ``feasible=False`` and logs an error,
-and ``python -m mpdnn.train`` exits with status 3.
+The delivered model meets every budget or the run says loudly that none did (SPEC §6): the
+final model when θ froze within every budget, else the selected one; a run with budgets
+and no feasible model returns ``feasible=False`` and logs an error, and
+``python -m mpdnn.train`` exits with status 3.
 """
 
 from __future__ import annotations
@@ -325,12 +332,14 @@ def make_steps(
     mesh: Mesh,
     recal_graphdef=None,
 ):
-    """The jitted training chunk (``lax.scan`` over steps) and the jitted evaluation.
+    """The jitted training chunk (``lax.scan`` over steps), the jitted evaluation and, with
+    ``recal_graphdef`` (:func:`recalibration_graphdef`), a :class:`Recalibrator`.
 
     Device-resident data: a chunk is ``(state, idx [k, B], images, labels)`` and gathers,
     normalises and augments on device. Streamed data (:mod:`mpdnn.training.streaming`): a
     chunk is ``(state, xs [k, B, H, W, C], ys [k, B])`` of host-prepared batches, and the
-    evaluation reads the test split batch by batch."""
+    evaluation reads the test split batch by batch. Every step's metrics hold the loss, the
+    accuracy, the sizes and, when some bits are learned, every tensor's bits."""
     batch = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     stream = isinstance(dataset, StreamingData)
@@ -1185,8 +1194,23 @@ def _write_outputs(
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     (workdir / "report.json").write_text(json.dumps(layer_report, indent=1) + "\n")
     try:
-        from mpdnn.plots import plot_bitwidths
+        from mpdnn.plots import plot_bitwidths, plot_diagnostics
 
         plot_bitwidths(layer_report, workdir / "bitwidths.png", title=config.name)
+        if result.budgets:
+            evals = read_metrics(workdir, "eval")
+            if evals:
+                plot_diagnostics(
+                    evals, workdir / "diagnostics.png", budgets=result.budgets, title=config.name
+                )
     except ImportError:  # matplotlib is in the "train" extra; the numbers still count
-        log.warning("matplotlib not installed: no bitwidths.png")
+        log.warning("matplotlib not installed: no bitwidths.png or diagnostics.png")
+
+
+def read_metrics(workdir: Path, kind: str) -> list[dict[str, Any]]:
+    """The ``kind`` records (``"train"``, ``"eval"``, ...) of ``<workdir>/metrics.jsonl``."""
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [r for r in records if r.get("type") == kind]
