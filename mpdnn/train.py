@@ -292,8 +292,9 @@ def main(argv) -> None:
     infeasible = [n or config.name for n, r in results.items() if r.feasible is False]
     if infeasible:
         print(
-            f"mpdnn.train: NO evaluation of {', '.join(infeasible)} met every budget; "
-            "no deliverable model",
+            f"mpdnn.train: NO model of {', '.join(infeasible)} met every budget (no "
+            "evaluation, or no step after budget.freeze_epoch, was within them all); no "
+            "deliverable model",
             file=sys.stderr,
         )
         sys.exit(3)

@@ -15,7 +15,7 @@ Cases (SPEC §8/§9, batch 128):
 
 Prints images/s per case and the ratio to float; ``--json`` writes them with provenance.
 Issue 5's target: quantized ≥ 0.9× float on a GPU. Short runs cannot meet the budgets, so
-the trainer logs "NO evaluation ... met every budget" for the quantized cases: expected here,
+the trainer logs "NO ... met every budget" for the quantized cases: expected here,
 the point is that the budget terms are active while timing.
 
     python scripts/bench_train.py [--steps 400] [--steps_per_call 50] [--json PATH]
@@ -59,6 +59,9 @@ def case_config(case: str, args: argparse.Namespace):
     c.train.checkpoint_every_epochs = 1
     c.train.progress = False
     c.optim.decay_epochs = ()
+    # The recorded numbers (results/perf.md) are of the authors' update; --recipe mpdnn
+    # times ours (its BatchNorm recalibration runs at the one evaluation, after the timing).
+    c.budget.recipe = args.recipe
     # ResNet-20: SPEC §8's CIFAR-10 budgets; ImageNet nets: mpdnn.configs.imagenet's (the
     # fixed 4/4 sizes, λ scaled by the squared size ratio).
     if args.model == "resnet20":
@@ -103,6 +106,7 @@ def main(argv=None) -> None:
     parser.add_argument("--compute_dtype", default=None, help="e.g. bfloat16 (conv operands)")
     parser.add_argument("--warmup", type=int, default=2, help="first calls dropped")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--recipe", default="paper", choices=("paper", "mpdnn"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.image_size is None:

@@ -25,7 +25,7 @@ for model in mobilenet_v2 resnet18; do
   echo "== $model: float vs U3 with budgets, batch 256, bfloat16 operands =="
   timeout 240 python3 scripts/bench_train.py --model "$model" --batch 256 --steps 60 \
     --steps_per_call 20 --warmup 1 --compute_dtype bfloat16 \
-    --json "$OUT/bench_train_$model.json" 2>&1 | grep -v "NO evaluation" | tail -n 6
+    --json "$OUT/bench_train_$model.json" 2>&1 | grep -v "met every budget" | tail -n 6
 done
 echo "== torchvision conversion =="
 timeout 120 python3 scripts/check_torchvision_conversion.py --out "$OUT/convert_torchvision" \

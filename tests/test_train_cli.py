@@ -26,7 +26,7 @@ def test_smoke_prints_the_table(tmp_path):
     proc = run("--config", "experiments/digits.py:smoke", "--workdir", str(tmp_path))
     # Two steps cannot meet the budget: the run must say so with status 3, not hide it.
     assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "NO evaluation of learned met every budget" in proc.stderr
+    assert "NO model of learned met every budget" in proc.stderr
     for name in ("float", "fixed", "learned"):
         assert any(line.startswith(name) for line in proc.stdout.splitlines()), proc.stdout
         assert (tmp_path / name / "summary.json").is_file()
