@@ -26,10 +26,15 @@ from mpdnn.optim import (
     budget_penalty,
     budget_values,
     clip_quantizer_gradients,
+    feasible,
+    freeze_quantizer_params,
+    freeze_values,
     project,
     project_quantizer_params,
+    sgd_log_space,
     sgd_nnabla,
 )
+from mpdnn.optim.accounting import leaves_by_path
 
 KB = 8 * 1024
 Q = nn.QuantConfig
@@ -441,3 +446,162 @@ def test_budget_chain_rejects_infeasible_budgets_and_runs(tiny):
         assert float(node(new, "act.quant.qmax")) <= 255.0
     no_budget = budget_chain(acc, [], 0.1)
     assert budget_values(no_budget.init(params)) is None
+
+
+# ----------------------------------------------------------------------------------------
+# Ours, beyond the paper (SPEC §13): every activation tensor, margins, the freeze, the
+# log-space update, and budget_chain's switches.
+
+
+def test_max_gradient_all_and_first_differ_exactly_as_the_formulas_say(resnet):
+    """ResNet-20 at 4-bit activations: 7 tensors of 16×32×32 (8 KB), 6 of 32×16×16 (4 KB),
+    6 of 64×8×8 (2 KB). Against L = 3 KB, ``"first"`` (the max, SPEC §6) pushes the stem's
+    tensor alone with 2λ(8 − 3); ``"all"`` (Σ_t λ max(0, S_t − L)²) pushes all 13 tensors
+    above L, each with 2λ(S_t − L), and none below."""
+    acc, params = resnet
+    lam, limit = 0.5, 3.0
+    first = budget_penalty(acc, [Budget("act_max_kb", limit, lam)])
+    every = budget_penalty(acc.with_tensors, [Budget("act_kb", limit, lam)])
+    u_first, s_first = jax.jit(first.update)(zeros_like(params), first.init(params), params)
+    u_all, s_all = jax.jit(every.update)(zeros_like(params), every.init(params), params)
+    np.testing.assert_allclose(s_first.violations, [8.0 - limit], rtol=1e-6)
+    expected = [8.0 - limit] * 7 + [4.0 - limit] * 6 + [2.0 - limit] * 6
+    np.testing.assert_allclose(s_all.violations, expected, rtol=1e-6)
+    assert s_all.multipliers.shape == (19,)
+
+    def ds_dqmax(numel):  # unsigned U3 at the activation init (SPEC §3, §4), in KB
+        d, qmax = 2.0**-3, 1.875
+        return numel / ((qmax / d + 1) * d * math.log(2)) / KB
+
+    sites = [q.path for q in acc.quantizers if q.kind == "activation"]
+    numels = [q.numel for q in acc.quantizers if q.kind == "activation"]
+    assert sites[0] == "stem_act.quant" and len(sites) == 19
+    for i, (site, numel) in enumerate(zip(sites, numels, strict=True)):
+        g_first = float(node(u_first, f"{site}.qmax"))
+        g_all = float(node(u_all, f"{site}.qmax"))
+        want_first = 2 * lam * (8.0 - limit) * ds_dqmax(numel) if i == 0 else 0.0
+        want_all = 2 * lam * max(expected[i], 0.0) * ds_dqmax(numel)
+        np.testing.assert_allclose(g_first, want_first, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(g_all, want_all, rtol=1e-5, atol=1e-9)
+    assert sum(float(node(u_all, f"{s}.qmax")) != 0 for s in sites) == 13
+
+
+def test_a_margin_moves_the_target_not_the_limit(resnet):
+    acc, params = resnet
+    budget = Budget("weight_kb", 120.0, 0.1, 0.05)  # 131.03 KB at 4 bits: target 114 KB
+    assert budget.target_kb == pytest.approx(114.0)
+    tx = budget_penalty(acc, [budget])
+    updates, state = jax.jit(tx.update)(zeros_like(params), tx.init(params), params)
+    g = W4_KB - 114.0
+    np.testing.assert_allclose(state.violations, [g], rtol=1e-6)
+    ds_dd, ds_dqmax = u3_weight_size_grad(node(params, "head.kernel_quant"), 640)
+    np.testing.assert_allclose(
+        node(updates, "head.kernel_quant")["qmax"], 2 * 0.1 * g * ds_dqmax, rtol=1e-5
+    )
+    # met at the limit but not at the target: the penalty still pulls, feasibility holds
+    met = Budget("weight_kb", 132.0, 0.1, 0.05)
+    tx = budget_penalty(acc, [met])
+    _, state = jax.jit(tx.update)(zeros_like(params), tx.init(params), params)
+    assert float(state.violations[0]) == pytest.approx(W4_KB - 0.95 * 132.0, rel=1e-6) > 0
+    assert bool(feasible(acc, [met], params)) and not bool(feasible(acc, [budget], params))
+
+
+def test_sgd_log_space_steps_log_theta():
+    """v ← m·v + lr·θ·g, θ ← θ·exp(−v), written out for two steps."""
+    params = {"d": jnp.array(0.25), "qmax": jnp.array([1.5, 3.0])}
+    grads = {"d": jnp.array(2.0), "qmax": jnp.array([-1.0, 0.5])}
+    tx = sgd_log_space(lambda count: 0.1 / (count + 1), momentum=0.5)
+    state = tx.init(params)
+    theta = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    velocity = {k: np.zeros_like(v) for k, v in theta.items()}
+    current = params
+    for step in range(2):
+        updates, state = jax.jit(tx.update)(grads, state, current)
+        current = optax.apply_updates(current, updates)
+        for k in theta:
+            velocity[k] = 0.5 * velocity[k] + 0.1 / (step + 1) * theta[k] * np.asarray(grads[k])
+            theta[k] = theta[k] * np.exp(-velocity[k])
+            np.testing.assert_allclose(current[k], theta[k], rtol=1e-6)
+    assert int(state.count) == 2
+    with pytest.raises(ValueError, match="params"):
+        tx.update(grads, state)
+
+
+def test_freeze_keeps_theta_from_the_first_feasible_update_at_or_after_its_start(tiny):
+    acc, params, _ = tiny
+    budgets = [Budget("weight_kb", TINY_W_KB + 1e-6)]  # met where θ stay at 4 bits
+    tx = optax.chain(optax.sgd(0.1), freeze_quantizer_params(acc, budgets, start_step=2))
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    grads = jax.tree.map(lambda v: jnp.full_like(v, 1e-3), params)  # small: bits stay 4
+    history = [params]
+    for _ in range(5):
+        updates, state = update(grads, state, history[-1])
+        history.append(optax.apply_updates(history[-1], updates))
+    frozen = freeze_values(state)
+    assert int(frozen.frozen_at) == 2 and bool(frozen.frozen) and int(frozen.count) == 5
+    theta = [p for p in acc.learned_paths()]
+    flat = [leaves_by_path(p) for p in history]
+    for path in theta:
+        assert not np.array_equal(flat[0][path], flat[2][path])  # moved before the freeze
+        for later in flat[3:]:
+            np.testing.assert_array_equal(later[path], flat[2][path])
+    for path in ("fc1.kernel", "fc2.bias"):
+        assert not np.array_equal(flat[4][path], flat[5][path])  # weights train on
+    # over budget at the start step: no freeze until a feasible update comes
+    tx = freeze_quantizer_params(acc, [Budget("weight_kb", 0.001)], start_step=0)
+    _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert int(state.frozen_at) == -1 and freeze_values(optax.sgd(0.1).init(params)) is None
+
+
+def test_budget_chain_defaults_are_the_authors_update(resnet):
+    """budget_chain() with its defaults equals the chain written out by hand (module
+    docstring), update for update; the θ switches then change θ's updates only."""
+    acc, params = resnet
+    budgets = [Budget("weight_kb", 100.0), Budget("act_max_kb", 7.0)]
+    lr = optax.piecewise_constant_schedule(0.03, {2: 0.1})
+    by_hand = optax.chain(
+        budget_penalty(acc, budgets),
+        optax.add_decayed_weights(2e-4),
+        clip_quantizer_gradients(acc),
+        sgd_nnabla(lr, momentum=0.9),
+        project_quantizer_params(acc),
+    )
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    grads = jax.tree.unflatten(
+        treedef, [0.01 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys, strict=True)]
+    )
+
+    def run(tx, steps=3):
+        state, p, out = tx.init(params), params, []
+        update = jax.jit(tx.update)
+        for _ in range(steps):
+            u, state = update(grads, state, p)
+            p = optax.apply_updates(p, u)
+            out.append(p)
+        return out
+
+    for a, b in zip(run(budget_chain(acc, budgets, lr)), run(by_hand), strict=True):
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    ours = run(
+        budget_chain(
+            acc,
+            budgets,
+            lr,
+            clip=False,
+            quant_learning_rate_scale=0.3,
+            quant_momentum=0.0,
+            quant_update="log",
+        )
+    )
+    paper = run(by_hand)
+    learned = set(acc.learned_paths())
+    a, b = leaves_by_path(ours[-1]), leaves_by_path(paper[-1])
+    assert any(not np.allclose(a[p], b[p]) for p in learned)
+    # weights and BatchNorm: the same SGD (the penalty reaches only θ)
+    for path in a:
+        if path not in learned:
+            np.testing.assert_allclose(a[path], b[path], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="quant_update"):
+        budget_chain(acc, budgets, lr, quant_update="adam")
