@@ -41,6 +41,7 @@ if str(REPO) not in sys.path:  # run as a file from anywhere: import this checko
 
 from mpdnn.cli import OneLineParser  # noqa: E402
 from mpdnn.configs import budget_study as study  # noqa: E402
+from mpdnn.training.trainer import read_metrics  # noqa: E402
 
 EXPERIMENT = REPO / "experiments" / "budget_study.py"
 EXIT_INFEASIBLE = 3
@@ -140,7 +141,6 @@ def run_all(runs: list[Run], args) -> dict[str, str]:
     """Train ``runs`` (up to ``--jobs`` at once, each arm after its seed's float net)."""
     start = time.perf_counter()
     pending, running, statuses, stopping = list(runs), [], {}, []
-    cores = list(range(os.cpu_count() or 1))
 
     def stop(signum, frame):
         if not stopping:
@@ -150,8 +150,16 @@ def run_all(runs: list[Run], args) -> dict[str, str]:
             if run.process is not None and run.process.poll() is None:
                 run.process.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _schedule(pending, running, statuses, stopping, args, start)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _schedule(pending, running, statuses, stopping, args, start) -> dict[str, str]:
+    cores = list(range(os.cpu_count() or 1))
     total = len(pending)
     while pending or running:
         for run in list(running):
@@ -203,14 +211,6 @@ def run_all(runs: list[Run], args) -> dict[str, str]:
 # ----------------------------------------------------------------------------- results
 
 
-def _records(workdir: Path, kind: str) -> list[dict[str, Any]]:
-    path = workdir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("type") == kind]
-
-
 def within(sizes: dict[str, float], budgets: dict[str, float]) -> bool:
     return all(sizes[k] <= v for k, v in budgets.items())
 
@@ -230,7 +230,7 @@ def seed_result(arm: str, workdir: Path) -> dict[str, Any] | None:
         summary = json.loads((workdir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    evals = _records(workdir, "eval")
+    evals = read_metrics(workdir, "eval")
     last = evals[-1] if evals else {}
     sizes = summary["final_sizes"]
     within_steps = [r["within_budget"] * r["steps"] for r in evals if "within_budget" in r]
