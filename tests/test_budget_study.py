@@ -68,8 +68,8 @@ def test_a_smoke_study_writes_the_results_files(bs, tmp_path):
     code = bs.main(args)
     data = json.loads((tmp_path / "study.json").read_text())
     assert {"command", "commit", "machine", "date", "arms"} <= set(data)
-    assert [a["name"] for a in data["arms"]] == ["fixed_w2", "mpdnn_w"]
-    fixed, ours = data["arms"]
+    assert [a["name"] for a in data["arms"]] == ["float", "fixed_w2", "mpdnn_w"]
+    _, fixed, ours = data["arms"]
     for a in data["arms"]:
         assert set(a) >= {"errors", "mean", "sd", "feasible", "weight_kb", "act_max_kb"}
         assert len(a["errors"]) == len(a["feasible"]) == len(a["weight_kb"]) == 1
