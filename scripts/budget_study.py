@@ -105,18 +105,18 @@ class Run:
         self._handle = open(self.log, "a")  # noqa: SIM115 (closed in poll)
         self._handle.write(f"$ {shlex.join(self.command)}\n")
         self._handle.flush()
-        pin = None
-        if core is not None and hasattr(os, "sched_setaffinity"):
-            pin = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
         self.start = time.perf_counter()
         self.process = subprocess.Popen(
-            self.command,
-            stdout=self._handle,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=env,
-            preexec_fn=pin,
+            self.command, stdout=self._handle, stderr=subprocess.STDOUT, cwd=REPO, env=env
         )
+        if core is not None and hasattr(os, "sched_setaffinity"):
+            # Pinned from here, not in the child (a preexec_fn would fork this process,
+            # which has JAX's threads): the child is still starting Python, before XLA
+            # starts the threads that inherit the affinity.
+            try:
+                os.sched_setaffinity(self.process.pid, {core})
+            except OSError:  # it ended already, or the core is not ours
+                pass
 
     def poll(self) -> bool:
         assert self.process is not None
