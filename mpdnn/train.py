@@ -117,7 +117,7 @@ def format_table(results: dict) -> str:
     width = max([10, *(len(name or r.name) for name, r in results.items())])
     header = (
         f"{'run':<{width}} {'test acc':>8} {'weight KB':>10} {'budget':>8} {'act max KB':>10}  "
-        f"{'verdict':<14} {'final acc':>9}  weight bits per layer"
+        f"{'verdict':<18} {'final acc':>9}  weight bits per layer"
     )
     lines = [header, "-" * len(header)]
     for name, r in results.items():
@@ -140,7 +140,7 @@ def format_table(results: dict) -> str:
         lines.append(
             f"{name or r.name:<{width}} {_fmt(acc, '.4f'):>8} "
             f"{r.delivered_sizes['weight_kb']:>10.3f} {_fmt(budget, '.2f'):>8} "
-            f"{r.delivered_sizes['act_max_kb']:>10.2f}  {verdict:<14} {_fmt(final, '.4f'):>9}  "
+            f"{r.delivered_sizes['act_max_kb']:>10.2f}  {verdict:<18} {_fmt(final, '.4f'):>9}  "
             f"{bits}"
         )
     lines.append(
