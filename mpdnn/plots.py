@@ -171,10 +171,10 @@ def plot_diagnostics(
             ax.plot(epochs, values, linewidth=0.8, alpha=0.8)
     ax.set_ylabel("bits per tensor")
     ax.set_xlabel("epoch")
-    multipliers = [r.get("multipliers") for r in evals]
-    if any(m for m in multipliers):
+    multipliers = [sum(r.get("multipliers") or [0.0]) for r in evals]
+    if multipliers and max(multipliers) > min(multipliers):  # a Lagrangian's, not a fixed λ
         twin = ax.twinx()
-        twin.plot(epochs, [sum(m or [0.0]) for m in multipliers], color="k", linestyle=":")
+        twin.plot(epochs, multipliers, color="k", linestyle=":")
         twin.set_ylabel("Σ multipliers (dotted)")
     frozen = next((r["frozen_step"] for r in evals if r.get("frozen_step") is not None), None)
     if frozen is not None and evals:
