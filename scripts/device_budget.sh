@@ -23,22 +23,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 limit_s=${1:-720}
-OUT=${OUT:-/tmp/mpdnn_out}
-mkdir -p "$OUT"
 start=$(date +%s)
-
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import ml_collections" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-export PYTHONUNBUFFERED=1
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
+source scripts/device_env.sh
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.18}
-[ -f data/cifar10-jpeg.tar.gz ] && export MPDNN_CIFAR10=$PWD/data/cifar10-jpeg.tar.gz
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 
 runs=runs/cifar10
 protocol=()

@@ -15,21 +15,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 rows_s=${1:?usage: device_cifar10.sh ROWS_SECONDS [ROWS]}
 rows=${2:-float,t3_ours_w_amax_uniform,t3_ours_w_uniform,t3_fixed_w2_uniform,t3_tqt_w2_uniform,t3_fixed_w2a4_uniform,t3_tqt_w2a4_uniform,t3_ours_w_asum_uniform}
-OUT=${OUT:-/tmp/mpdnn_out}
-mkdir -p "$OUT"
 start=$(date +%s)
-
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import ml_collections" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-export PYTHONUNBUFFERED=1
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
-[ -f data/cifar10-jpeg.tar.gz ] && export MPDNN_CIFAR10=$PWD/data/cifar10-jpeg.tar.gz
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+source scripts/device_env.sh
 
 if [ "${SMOKE:-0}" = 1 ]; then
   bench=(--steps 6 --steps_per_call 2 --warmup 1)

@@ -11,16 +11,7 @@
 # Python lacks ml_collections (see results/perf.md for how to fetch them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/mpdnn_out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import ml_collections" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+source scripts/device_env.sh
 for model in mobilenet_v2 resnet18; do
   echo "== $model: float vs U3 with budgets, batch 256, bfloat16 operands =="
   timeout 240 python3 scripts/bench_train.py --model "$model" --batch 256 --steps 60 \
