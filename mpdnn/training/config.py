@@ -119,7 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.budget.clip_quantizer_gradients = config_dict.placeholder(bool)
     c.budget.projection_margin = 1e-5
     # Search with the budgets until this epoch, then freeze every quantizer θ at the first
-    # step at which every budget is met and train the rest; < 0: never freeze.
+    # step at which every budget is met and train the rest; < 0: never; None: the recipe's
+    # (paper: never; mpdnn: the first learning-rate drop, in a run with a budget).
     c.budget.freeze_epoch = config_dict.placeholder(float)
     # "first": the max's gradient to its first argmax (authors); "all": every activation
     # tensor above the act-max limit is penalised (the same feasible set).
