@@ -75,8 +75,11 @@ class StreamingData:
 
     def batches(self, *, train: bool, batch: int, epoch: int, seed: int):
         """One epoch of this process's shares of global batches (see ImageNetBatches)."""
+        return self._batches(self.train if train else self.test, batch, train, epoch, seed)
+
+    def _batches(self, source, batch: int, train: bool, epoch: int, seed: int, **kwargs):
         return mdata.ImageNetBatches(
-            self.train if train else self.test,
+            source,
             batch,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
@@ -86,6 +89,7 @@ class StreamingData:
             size=self.image_size,
             resize=self.eval_resize,
             num_workers=self.workers,
+            **kwargs,
         )
 
     def recalibration_batches(self, *, batch: int, count: int, seed: int):
@@ -94,20 +98,8 @@ class StreamingData:
         same at every recalibration), with the evaluation preprocessing."""
         count = max(1, min(count, self.num_train // batch))
         order = np.random.default_rng([seed, 0xB2]).permutation(self.num_train)[: count * batch]
-        return iter(
-            mdata.ImageNetBatches(
-                Subset(self.train, order),
-                batch,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-                seed=seed,
-                train=False,
-                drop_remainder=True,
-                size=self.image_size,
-                resize=self.eval_resize,
-                num_workers=self.workers,
-            )
-        )
+        subset = Subset(self.train, order)
+        return iter(self._batches(subset, batch, False, 0, seed, drop_remainder=True))
 
 
 def streaming_data(config: ml_collections.ConfigDict, loaded=None) -> StreamingData:
