@@ -299,13 +299,24 @@ class Accounting:
 
         Differentiable w.r.t. the learned θ (straight-through through the bitwidth, SPEC §3).
         """
-        return aggregate([q.kind for q in self.quantizers], self._tensor_kb(params))
+        return self.sizes_of_bits(self.tensor_bits(params))
 
-    def _tensor_kb(self, params: Any) -> list[jax.Array]:
-        """KB of every counted tensor, in the order of :attr:`quantizers`."""
+    def tensor_bits(self, params: Any) -> jax.Array:
+        """``[num tensors]``: the bits of every counted tensor (a per-channel θ's mean), in
+        the order of :attr:`quantizers`; 32 for a float tensor. Differentiable like
+        :meth:`sizes`, which is :meth:`sizes_of_bits` of this."""
         lookup = leaves_by_path(params)
         bits = grouped_bits([(q.spec, self._theta(lookup, q)) for q in self.quantizers])
-        return [tensor_kb(q.numel, b) for q, b in zip(self.quantizers, bits, strict=True)]
+        return jnp.stack([b if b.ndim == 0 else jnp.mean(b) for b in bits])
+
+    def sizes_of_bits(self, bits: jax.Array) -> Sizes:
+        """The :class:`Sizes` of per-tensor ``bits`` (:meth:`tensor_bits`): a caller that
+        needs both computes the bitwidths once."""
+        return aggregate([q.kind for q in self.quantizers], self._kb(bits))
+
+    def _kb(self, bits: jax.Array) -> list[jax.Array]:
+        """KB of every counted tensor, in the order of :attr:`quantizers`."""
+        return [tensor_kb(q.numel, bits[i]) for i, q in enumerate(self.quantizers)]
 
     def __call__(self, params: Any) -> dict[str, jax.Array]:
         """:meth:`sizes` as a dict: the ``size_fn`` the budget transforms take."""
@@ -318,7 +329,7 @@ class Accounting:
         its feasible set is that of ``Budget("act_max_kb", L)``, but each tensor above ``L``
         gets its own gradient, where the max gives it all to its first argmax.
         """
-        kb = self._tensor_kb(params)
+        kb = self._kb(self.tensor_bits(params))
         kinds = [q.kind for q in self.quantizers]
         acts = [s for k, s in zip(kinds, kb, strict=True) if k == "activation"]
         act_kb = jnp.stack(acts) if acts else jnp.zeros([0], jnp.float32)

@@ -372,13 +372,14 @@ def make_steps(
             params, state["rest"], x, y
         )
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        bits = accounting.tensor_bits(params)
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-            **accounting(params),
+            **accounting.sizes_of_bits(bits)._asdict(),
         }
         if track_bits:  # per-tensor bits of every step: the bit changes of the diagnostics
-            metrics["bits"] = tensor_bits(accounting, params)
+            metrics["bits"] = bits
         new_state = {
             "step": state["step"] + 1,
             "params": optax.apply_updates(params, updates),
@@ -584,15 +585,6 @@ def _eval_arrays(images: np.ndarray, labels: np.ndarray, eval_batch: int):
     return images.reshape(*batched, *shape), labels.reshape(batched), mask.reshape(batched)
 
 
-def tensor_bits(accounting: optim.Accounting, params) -> jax.Array:
-    """``[num tensors]``: the bits of every counted tensor (a per-channel θ's mean), in the
-    order of ``accounting.quantizers``."""
-    from mpdnn.optim.accounting import grouped_bits
-
-    thetas = [(q.spec, accounting.theta(params, q)) for q in accounting.quantizers]
-    return jnp.stack([jnp.mean(b) for b in grouped_bits(thetas)])
-
-
 def _step_ratios(accounting: optim.Accounting, params) -> dict[str, jax.Array]:
     """q/d of every learned U3 tensor: ``qmax`` over its power-of-two step, whose distance
     to the nearest ``k + ½`` shows how close a tensor sits to a bit flip."""
@@ -619,7 +611,9 @@ def make_inspect(accounting: optim.Accounting):
 
     @jax.jit
     def inspect(params):
-        return accounting(params), tensor_bits(accounting, params), _step_ratios(accounting, params)
+        bits = accounting.tensor_bits(params)
+        sizes = accounting.sizes_of_bits(bits)._asdict()
+        return sizes, bits, _step_ratios(accounting, params)
 
     def host(params, *, per_tensor: bool = False, ratios: bool = False):
         sizes, bits, q_over_d = inspect(_local(params))
