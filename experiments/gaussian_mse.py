@@ -4,7 +4,7 @@ parametrizations side by side.
 Purpose: minimise E[(Q(x; θ) - x)²] over 10^4 samples of N(0, 1) by plain gradient descent on
 the raw θ, one learning rate for all of U1 (b, d), U2 (b, qmax), U3 (d, qmax), pow2 (b, qmax),
 pow2 (b, qmin) and P3 (qmin, qmax), every quantizer a signed weight quantizer starting at
-4 bits (SPEC §2, §4). Two settings: ``pow2_step=True`` (the paper's quantizers, the main
+4 bits (docs/method.md §2, §4). Two settings: ``pow2_step=True`` (the paper's quantizers, the main
 result) and ``pow2_step=False`` (free step size). Library code: :mod:`mpdnn.gaussian`.
 
 Command (from the repository root)::
@@ -52,7 +52,7 @@ MEASURES = {
     "rises": (
         f"steps in the second half that raise the MSE by more than {gaussian.RISE_THRESHOLD:.0%}"
     ),
-    "final_bits": "inferred bitwidth mq.bitwidth after the last step (SPEC §3)",
+    "final_bits": "inferred bitwidth mq.bitwidth after the last step (docs/method.md §3)",
 }
 
 

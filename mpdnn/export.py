@@ -1,4 +1,4 @@
-r"""Export a trained mixed-precision network as bit-packed integers (SPEC §3, §5, §12).
+r"""Export a trained mixed-precision network as bit-packed integers (docs/method.md §3, §5, §12).
 
     python -m mpdnn.export --workdir RUN [--out RUN/model.mpq] [--verify N] [--json]
 
@@ -23,22 +23,24 @@ File format (all numbers little-endian; docs/export.md has the same with an exam
     ...           float_bytes   float section: float32 arrays, at the table's byte offsets
 
 The header (fixed part + table) is reported apart from the payload. The **payload** holds
-the tensors in the table's order (forward order, as SPEC §5's accounting counts them);
+the tensors in the table's order (forward order, as docs/method.md §5's accounting counts them);
 tensor ``t`` occupies stream bits ``[t.bit_offset, t.bit_offset + numel * bits)``, its
 values in C (row-major) order, each a ``bits``-wide field written least significant bit
 first; stream bit ``i`` is bit ``i % 8`` of payload byte ``i // 8``. The last byte is
 padded with zero bits, so ``payload_bytes = ceil(Σ numel · bits / 8)``. Field encodings:
 
 * ``uniform`` (U1/U2/U3, TQT, fixed): the integer ``k`` with ``value = k · 2**step_exponent``
-  (the power-of-two step ``d`` of SPEC §2), in ``bits``-bit two's complement (signed; the
+  (the power-of-two step ``d`` of docs/method.md §2), in ``bits``-bit two's complement (signed; the
   inferred bits hold ``|k| <= round(qmax/d) <= 2**(bits-1) - 1``) or plain binary
   (unsigned).
-* ``pow2`` (signed, no zero code: the paper's weights, SPEC §1.2): ``sign << (bits-1) | j``
+* ``pow2`` (signed, no zero code: the paper's weights, docs/method.md §1.2):
+  ``sign << (bits-1) | j``
   with ``sign`` 1 for negative values and ``j = log2|value| - qmin_exponent`` the exponent
   index; magnitudes run over the ``M = qmax_exponent - qmin_exponent + 1`` powers of two
-  between qmin and qmax, and SPEC §3's ``bits = ceil(log2 M) + 1`` is exactly one sign bit
+  between qmin and qmax, and docs/method.md §3's ``bits = ceil(log2 M) + 1`` is exactly one sign bit
   plus enough bits for ``j < M``. (An exact zero has quantized to +qmin: there is no zero.)
-* ``float32``: a float (unquantized) weight tensor, as its IEEE-754 bits; SPEC §5 counts it
+* ``float32``: a float (unquantized) weight tensor, as its IEEE-754 bits; docs/method.md §5 counts
+it
   at 32 bits, and so does the payload.
 
 Activation quantizers are not in the payload (they hold no tensor); the table gives each
@@ -134,7 +136,7 @@ class WeightTensor:
       name: ``"<site>.kernel"`` or ``"<site>.bias"`` (the layer's dotted module path).
       shape: the tensor's shape (HWIO kernels, ``(in, out)`` linear kernels).
       encoding: ``"uniform"``, ``"pow2"`` or ``"float32"`` (see the module docstring).
-      bits: bits per value in the payload: the inferred bitwidth (SPEC §3), 32 for float.
+      bits: bits per value in the payload: the inferred bitwidth (docs/method.md §3), 32 for float.
       codes: the ``bits``-wide fields as stored, ``uint64``, flat (C order).
       integers: ``int64`` of ``shape`` with ``value = integers * step`` exactly; for pow2,
         ``sign · 2**(exponent - qmin_exponent)`` (step = qmin). ``None`` for float32.
@@ -185,7 +187,8 @@ def _exponent_of_pow2(value: float, what: str) -> int:
     mantissa, exponent = math.frexp(float(value))
     if mantissa != 0.5:
         raise ExportError(
-            f"{what} = {value!r} is not a power of two; export needs pow2_step=True (SPEC §2)"
+            f"{what} = {value!r} is not a power of two; export needs pow2_step=True "
+            "(docs/method.md §2)"
         )
     return exponent - 1
 
@@ -268,7 +271,7 @@ def encode_weight(
     if not spec.signed or spec.with_zero:
         raise ExportError(
             f"{name}: only signed pow2 weights without a zero code can be packed "
-            f"(SPEC §1.2), not {spec.describe()}"
+            f"(docs/method.md §1.2), not {spec.describe()}"
         )
     emin = _exponent_of_pow2(params.qmin, f"{name}: qmin")
     emax = _exponent_of_pow2(params.qmax, f"{name}: qmax")
@@ -698,7 +701,8 @@ def export_model(
     weight_kb · 8192``; the table records :func:`~mpdnn.optim.memory`'s totals, and a
     mismatch raises :class:`ExportError`.
     """
-    sizes = memory(model)  # SPEC §5's totals and per-tensor bits, which the payload follows
+    # docs/method.md §5's totals and per-tensor bits, which the payload follows
+    sizes = memory(model)
     tensors = counted_tensors(model)  # the same tensors in the same (forward) order
     sites = {p: m for p, _, m in quantizable_sites(model)}
     weights, activations, weight_bits = [], [], 0
@@ -845,7 +849,7 @@ def load_run(workdir: str | Path) -> tuple[nnx.Module, dict[str, Any]]:
     if delivered is None:
         raise ExportError(
             f"{workdir} delivered no model: no evaluation met every budget "
-            f"{summary.get('budgets')} (SPEC §6); there is nothing feasible to export"
+            f"{summary.get('budgets')} (docs/method.md §6); there is nothing feasible to export"
         )
     directory = workdir / ("best" if delivered == "best_feasible" else "final")
     if not directory.is_dir():
@@ -1255,7 +1259,7 @@ def _describe(result: dict[str, Any]) -> str:
         f"(fixed {result['fixed_header_bytes']} + table {result['table_bytes']}) + weight "
         f"payload {result['payload_bytes']} + float section {result['float_bytes']}",
         f"weight payload: {result['payload_bytes']} bytes = ceil({result['payload_bits']} "
-        f"bits / 8); accounting (SPEC §5): weight_kb {result['weight_kb']!r} x 1024 = "
+        f"bits / 8); accounting (docs/method.md §5): weight_kb {result['weight_kb']!r} x 1024 = "
         f"{result['weight_kb'] * 1024:g} bytes for {result['num_weights']} weights",
         f"model: {run['model']} from {run['workdir']}, delivered {run['delivered']} "
         f"({run['checkpoint']}/ step {run['step']}, test error {run['test_error']})",

@@ -2,7 +2,7 @@
 
 Fit one quantizer to ``N`` samples of ``N(0, 1)`` by minimising the mean squared error
 ``E[(Q(x; θ) - x)²]`` with plain gradient descent on the raw θ, one learning rate for all six
-parametrizations of SPEC §2 (U1 ``b_d``, U2 ``b_qmax``, U3 ``d_qmax``, pow2 ``b_qmax``,
+parametrizations of docs/method.md §2 (U1 ``b_d``, U2 ``b_qmax``, U3 ``d_qmax``, pow2 ``b_qmax``,
 pow2 ``b_qmin``, P3 ``qmin_qmax``). Every quantizer is a signed weight quantizer
 (:func:`mpdnn.quantizers.weight_spec`) and starts at 4 bits from
 :func:`mpdnn.quantizers.init_weight_theta` with the samples as "weights", so U1/U2/U3 start
@@ -30,7 +30,7 @@ import numpy as np
 import mpdnn.quantizers as mq
 from mpdnn.plots import save_figure
 
-#: The six parametrizations of SPEC §2, in the paper's order (Fig. 3, Table 1).
+#: The six parametrizations of docs/method.md §2, in the paper's order (Fig. 3, Table 1).
 CASES: tuple[tuple[str, str], ...] = (
     ("uniform", "b_d"),
     ("uniform", "b_qmax"),
@@ -59,11 +59,11 @@ class Trajectory(NamedTuple):
     """One parametrization's descent; arrays have ``steps + 1`` entries (index 0 = start).
 
     Attributes:
-      family, parametrization: which quantizer (SPEC §2).
+      family, parametrization: which quantizer (docs/method.md §2).
       mse: ``mean((Q(x; θ_t) - x)²)`` for t = 0 … steps.
-      bits: inferred bitwidth ``mq.bitwidth(θ_t)`` (SPEC §3).
+      bits: inferred bitwidth ``mq.bitwidth(θ_t)`` (docs/method.md §3).
       params: canonical parameters per step (``d``/``qmax`` or ``qmin``/``qmax``, after the
-        box, rounding and power-of-two constraints of SPEC §2).
+        box, rounding and power-of-two constraints of docs/method.md §2).
       theta: the raw θ after the last step.
     """
 
@@ -141,7 +141,8 @@ def descend(
     """Plain gradient descent ``θ ← θ - lr ∇θ mse`` for ``steps`` steps, as one ``lax.scan``.
 
     Nothing but the gradient moves θ: no projection into the boxes and no gradient clipping
-    (those are the authors' training-time additions, SPEC §6), so the comparison isolates the
+    (those are the authors' training-time additions, docs/method.md §6), so the comparison isolates
+    the
     parametrization as in the paper's Fig. 3. ``learning_rate`` is traced, so one compilation
     per (spec, steps, sample shape) serves every learning rate.
 
@@ -177,7 +178,9 @@ def run_case(
     pow2_step: bool = True,
     bits: int = DEFAULT_BITS,
 ) -> Trajectory:
-    """Descend one parametrization from its 4-bit start (SPEC §4, weights = ``samples``)."""
+    """Descend one parametrization from its 4-bit start (docs/method.md §4, weights =
+    ``samples``).
+    """
     spec = experiment_spec(family, parametrization, pow2_step=pow2_step)
     theta0 = mq.init_weight_theta(spec, bits=bits, weights=samples)
     theta, mse, bit_curve, params = descend(theta0, samples, learning_rate, spec=spec, steps=steps)

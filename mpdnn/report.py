@@ -1,4 +1,4 @@
-"""``python -m mpdnn.report``: per-layer bits and memory of a quantized network (SPEC §5).
+"""``python -m mpdnn.report``: per-layer bits and memory of a quantized network (docs/method.md §5).
 
 Builds a model from :data:`mpdnn.models.MODELS`, quantizes it by rules and prints what
 :func:`mpdnn.optim.memory` counts: one row per weight tensor (conv/linear kernel and bias) and
@@ -11,11 +11,11 @@ Rules, first match wins (:func:`mpdnn.nn.quantize_model`):
 * ``--fixed REGEX=BITS`` (repeatable): weight and activation sites whose path fully matches
   REGEX get a fixed quantizer (``mode="fixed"``, b = BITS, range from init, not trained);
 * ``--weight_bits W``: every other conv/linear weight gets a learned quantizer (U3, or P3
-  with ``--family pow2``) initialised at W bits from the float weights (SPEC §4);
+  with ``--family pow2``) initialised at W bits from the float weights (docs/method.md §4);
 * ``--act_bits A``: every other activation site gets a learned quantizer started at A bits.
 
 A kind whose flag is omitted stays float (32 bits in the accounting). Accepted bits are
-the authors' boxes (SPEC §2): weights 2–8 (a signed grid needs a sign bit and one level),
+the authors' boxes (docs/method.md §2): weights 2–8 (a signed grid needs a sign bit and one level),
 activations 1–8, ``--fixed`` 2–8 (it applies to both kinds). P3 quantizers asked for more
 than 5 bits (weights) or 6 bits (activations) start with fewer, because the qmin box clips
 the start (:mod:`mpdnn.quantizers.init`); the report shows the bits the quantizers really
@@ -25,7 +25,7 @@ Without ``--workdir`` the bits are those of the **initial** quantizers of a fres
 float network. ``--workdir RUN`` prints instead the model a finished run of
 ``python -m mpdnn.train`` delivered (``RUN/report.json``: the best evaluation that met every
 budget, or the final model without budgets), with its test error and budget verdicts.
-Units (SPEC §5): 1 KB = 1024 bytes, 1 MB = 2**20 bytes; activation memory is per sample.
+Units (docs/method.md §5): 1 KB = 1024 bytes, 1 MB = 2**20 bytes; activation memory is per sample.
 Bad input prints one line on stderr and exits with status 2. :func:`report` gives the same
 numbers as a JSON-able dict for other tools (:func:`mpdnn.plots.plot_bitwidths`).
 
@@ -48,7 +48,7 @@ from mpdnn.models import MODELS, build
 from mpdnn.nn import QuantConfig, Rule, quantize_model
 from mpdnn.optim import memory
 
-#: Accepted initial/fixed bits per site kind (the authors' b boxes, SPEC §2).
+#: Accepted initial/fixed bits per site kind (the authors' b boxes, docs/method.md §2).
 WEIGHT_BITS = (2, 8)
 ACT_BITS = (1, 8)
 FIXED_BITS = (2, 8)
@@ -149,7 +149,8 @@ def describe_rules(args: argparse.Namespace) -> list[str]:
 
 
 def report(model: nnx.Module, *, name: str | None = None) -> dict[str, Any]:
-    """Per-tensor bits and memory of ``model`` and the SPEC §5 totals, as plain JSON values.
+    """Per-tensor bits and memory of ``model`` and the docs/method.md §5 totals, as plain JSON
+    values.
 
     Keys: ``model`` (``name`` or the class name), ``input_shape``, ``num_weights``,
     ``num_activations``, ``num_activation_tensors``, ``weight_kb``, ``weight_mb``,

@@ -1,4 +1,4 @@
-"""``python -m mpdnn.train``: train an experiment config (SPEC §6–8).
+"""``python -m mpdnn.train``: train an experiment config (docs/method.md §6–8).
 
     python -m mpdnn.train [--config experiments/<name>.py[:arg]] [--workdir DIR]
                           [--config.key=value ...]

@@ -8,7 +8,7 @@ updated), jitted with the state donated:
 * ``quantized``: every conv/linear weight and every activation site U3-quantized by rules
   (learned, init ``--weight_bits``/``--act_bits``, default 2/4), loss = cross-entropy
   + ``0.1·max(0, weight_kb − 70.1)² + 0.1·max(0, act_max_kb − 8.1)²`` from
-  :func:`mpdnn.optim.memory` (SPEC §6's penalty, λ = 0.1, sizes in KB).
+  :func:`mpdnn.optim.memory` (docs/method.md §6's penalty, λ = 0.1, sizes in KB).
 
 Each case is compiled and run twice first; then the timed steps of all cases are
 interleaved (one step of each per round, so machine noise hits every case alike). Reported
@@ -84,7 +84,7 @@ def make_model(case: Case, *, weight_bits: int, act_bits: int, seed: int) -> nnx
 
 
 def loss_fn(model: nnx.Module, x: jax.Array, labels: jax.Array, memory_loss: bool) -> jax.Array:
-    """Cross-entropy, plus the SPEC §6 penalty on weight and max-activation memory."""
+    """Cross-entropy, plus the docs/method.md §6 penalty on weight and max-activation memory."""
     logits = model(x)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     if memory_loss:

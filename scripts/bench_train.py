@@ -7,7 +7,7 @@ timestamps of ``metrics.jsonl``: one record per jitted call of ``--steps_per_cal
 each written after the call's metrics reached the host. The first ``--warmup`` calls
 (compilation) are dropped.
 
-Cases (SPEC §8/§9, batch 128):
+Cases (docs/method.md §8/§9, batch 128):
 
 * ``float``: float ResNet-20;
 * ``u3_w``: U3 weights (start 4 bits) under the 70.1 KB weight budget, penalty λ = 0.1;
@@ -62,7 +62,7 @@ def case_config(case: str, args: argparse.Namespace):
     # The recorded numbers (results/perf.md) are of the authors' update; --recipe mpdnn
     # times ours (its BatchNorm recalibration runs at the one evaluation, after the timing).
     c.budget.recipe = args.recipe
-    # ResNet-20: SPEC §8's CIFAR-10 budgets; ImageNet nets: mpdnn.configs.imagenet's (the
+    # ResNet-20: docs/method.md §8's CIFAR-10 budgets; ImageNet nets: mpdnn.configs.imagenet's (the
     # fixed 4/4 sizes, λ scaled by the squared size ratio).
     if args.model == "resnet20":
         budgets, strengths = {"weight_kb": 70.1, "act_max_kb": 8.1}, {}

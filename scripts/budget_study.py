@@ -57,8 +57,8 @@ COMPARISONS = {
 }
 
 DATA_CAVEAT = (
-    "CIFAR-10 is the lossy JPEG copy of ../shared/data (quality 75; SPEC §11): errors compare "
-    "arms with each other, not with the paper's absolute numbers."
+    "CIFAR-10 is the lossy JPEG copy of ../shared/data (quality 75; docs/method.md §11): errors "
+    "compare arms with each other, not with the paper's absolute numbers."
 )
 
 
@@ -369,7 +369,7 @@ def markdown(data: dict[str, Any]) -> str:
         "recalibrated), mean ± sd over seeds. *feasible*: the final model of every seed is "
         "within every budget of its setting. *val-selected*: the model chosen on the "
         "validation split, per seed. *authors' selection*: the lowest test error among the "
-        "evaluations within every budget (SPEC §6), per seed: chosen on the test set, so "
+        "evaluations within every budget (docs/method.md §6), per seed: chosen on the test set, so "
         "optimistic, shown only because the paper reports it. *within budget*: the fraction "
         "of training steps within every budget; *bit flips*: bit changes summed over tensors "
         "and steps. The quantized arms start from their seed's float net and train 10 "

@@ -1,8 +1,8 @@
 """Check ``mq.quantize`` against the float64 reference on whatever device JAX runs on.
 
 The pytest suite runs on CPU. This script runs the same comparison (values, dQ/dx, dQ/dθ for
-every family × parametrization × signedness × with_zero × pow2_step; SPEC §1–2), and of
-``mq.bitwidth`` including every power-of-two boundary (SPEC §3), on the default
+every family × parametrization × signedness × with_zero × pow2_step; docs/method.md §1–2), and of
+``mq.bitwidth`` including every power-of-two boundary (docs/method.md §3), on the default
 JAX device, e.g. a GPU, where XLA's kernels (rounding, log2, reductions) differ, and needs
 only JAX and NumPy. It ends with a line ``N passed, M failed`` and exits non-zero on failure.
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The budget study's GPU rows in one call (about 13 minutes of an H200): Table 3's uniform
-# rows at full length (160 epochs, SPEC §8) with BatchNorm recalibrated before every
+# rows at full length (160 epochs, docs/method.md §8) with BatchNorm recalibrated before every
 # evaluation (train.bn_recalibration=20):
 #
 #   float                          the float ResNet-20 every row starts from (first)

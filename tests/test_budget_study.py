@@ -24,7 +24,7 @@ def bs():
 
 
 def test_the_budgets_are_the_papers_ratios_of_the_study_network():
-    # 3·3·(3·16 + 16·32 + 32·64 + 64·128) + 128·10 + 10 weights, SPEC §5's units
+    # 3·3·(3·16 + 16·32 + 32·64 + 64·128) + 128·10 + 10 weights, docs/method.md §5's units
     weights = 9 * (3 * 16 + 16 * 32 + 32 * 64 + 64 * 128) + 128 * 10 + 10
     assert study.NUM_WEIGHTS == weights == 98_490
     assert study.WEIGHT_BUDGET_KB == pytest.approx(1.07 * weights * 2 / 8192, abs=5e-4)

@@ -1,4 +1,6 @@
-"""The CIFAR-10 rows (mpdnn.configs.cifar10, experiments/cifar10/) against SPEC §5, §8, §9."""
+"""The CIFAR-10 rows (mpdnn.configs.cifar10, experiments/cifar10/) against docs/method.md §5, §8,
+§9.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from mpdnn.training import trainer
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "cifar10"
 
-# SPEC §5: ResNet-20 has 268,346 quantized weights and 19 activation tensors (188,416 values,
+# docs/method.md §5: ResNet-20 has 268,346 quantized weights and 19 activation tensors (188,416
+# values,
 # the largest 16x32x32).
 WEIGHTS, ACT_VALUES, ACT_LARGEST = 268_346, 188_416, 16 * 32 * 32
 
@@ -40,7 +43,7 @@ def test_every_cell_of_tables_1_and_3_has_a_row():
 
 @pytest.mark.parametrize(
     "name, paper",
-    [  # typed from SPEC §9
+    [  # typed from docs/method.md §9
         ("float", 7.29),
         ("t1_u1_w_random", 17.8),
         ("t1_u3_w_float", 7.32),
@@ -77,7 +80,8 @@ def load(name: str):
 
 def test_recipe_and_modifiers():
     c = load("t3_ours_w_amax_uniform").get_config()
-    # SPEC §8: batch 128, 160 epochs, lr/10 after 80 and 120, quantized nets at lr 0.03 from
+    # docs/method.md §8: batch 128, 160 epochs, lr/10 after 80 and 120, quantized nets at lr 0.03
+    # from
     # the float net; budgets 70.1 KB weights and 8.1 KB max activation, lambda 0.1.
     assert (c.train.batch_size, c.train.epochs, tuple(c.optim.decay_epochs)) == (
         128,
@@ -114,8 +118,9 @@ def _bits(q: dict) -> int:
 @pytest.mark.parametrize("name", list(cifar10.ROWS))
 def test_every_row_builds_at_its_starting_sizes(name):
     """Each row's model starts where its row says: 32-bit float, 2-bit fixed/TQT weights,
-    4-bit fixed/TQT activations, and every learned quantizer at its initial 4 bits (SPEC §9:
-    "initial b = 4"); sizes from SPEC §5's counts."""
+    4-bit fixed/TQT activations, and every learned quantizer at its initial 4 bits (docs/method.md
+    §9:
+    "initial b = 4"); sizes from docs/method.md §5's counts."""
     row = cifar10.ROWS[name]
     config = cifar10.row_config(name)
     cfg.check(config)
@@ -127,5 +132,5 @@ def test_every_row_builds_at_its_starting_sizes(name):
     assert float(sizes["weight_kb"]) == pytest.approx(kb(WEIGHTS, w), abs=1e-3)
     assert float(sizes["act_max_kb"]) == pytest.approx(kb(ACT_LARGEST, a))
     assert float(sizes["act_sum_kb"]) == pytest.approx(kb(ACT_VALUES, a))
-    # Pow2 networks carry the authors' logit scale (SPEC §6), uniform ones do not.
+    # Pow2 networks carry the authors' logit scale (docs/method.md §6), uniform ones do not.
     assert cfg.logit_scale(config) == (row.family == "pow2")

@@ -28,7 +28,8 @@ def test_learned_digits_model_meets_its_budget(tmp_path):
     assert learned.frozen_step is not None
     assert learned.final_sizes["weight_kb"] <= digits.WEIGHT_BUDGET_KB
     assert learned.budgets == {"weight_kb": digits.WEIGHT_BUDGET_KB}
-    # Recount the delivered weight memory from the report's rows (SPEC §5: numel · b / 8192).
+    # Recount the delivered weight memory from the report's rows (docs/method.md §5: numel · b /
+    # 8192).
     report = json.loads((tmp_path / "learned" / "report.json").read_text())
     weights = [r for r in report["layers"] if r["kind"] == "weight"]
     assert sum(r["numel"] for r in weights) == 14_298  # 144 + 4608 + 9216 + 320 + 10

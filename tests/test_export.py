@@ -1,6 +1,6 @@
 """mpdnn.export: bit-packed round trips, payload size = accounting, the integer reference.
 
-Expected sizes come from SPEC §5's counts and from the training run's own summary and
+Expected sizes come from docs/method.md §5's counts and from the training run's own summary and
 report, expected values from :func:`mpdnn.quantizers.quantize` (the network's quantizer),
 expected codes from the file format's definition recomputed here; never from the exporter.
 """
@@ -28,7 +28,7 @@ from mpdnn.data import find_cifar10_archive, load_dataset, normalize
 from mpdnn.models import build
 from mpdnn.nn import LogitScale, QuantConfig, Rule, quantize_model
 
-NUM_WEIGHTS_RESNET20 = 268346  # SPEC §5
+NUM_WEIGHTS_RESNET20 = 268346  # docs/method.md §5
 FIRST_CONV_TERMS = 3 * 3 * 3  # 3×3 kernel over RGB
 
 
@@ -57,7 +57,7 @@ def test_uniform_round_trip_every_bitwidth(tmp_path, bits, parametrization):
         "b_d": {"b": bits, "d": step},
     }[parametrization]
     spec = mq.weight_spec("uniform", parametrization)
-    assert float(mq.bitwidth(theta, spec)) == bits  # SPEC §3: ceil(log2(levels + 1)) + 1
+    assert float(mq.bitwidth(theta, spec)) == bits  # docs/method.md §3: ceil(log2(levels + 1)) + 1
     w = rng.normal(0.0, step * levels * 0.7, (3, 3, 5, 7)).astype(np.float32)
     w.flat[:4] = [10.0, -10.0, 0.5 * step, -2.5 * step]  # both clips, two ties
     tensor = ex.encode_weight("w", w, theta, spec)
@@ -77,7 +77,7 @@ def test_uniform_round_trip_every_bitwidth(tmp_path, bits, parametrization):
 @pytest.mark.parametrize("bits", [2, 3, 4, 5])
 def test_pow2_round_trip(tmp_path, bits, parametrization):
     rng = np.random.default_rng(10 + bits)
-    magnitudes = 2 ** (bits - 1)  # sign bit + exponent index (SPEC §3: ceil(log2 M) + 1)
+    magnitudes = 2 ** (bits - 1)  # sign bit + exponent index (docs/method.md §3: ceil(log2 M) + 1)
     emax = int(rng.integers(-3, 2))
     emin = emax - magnitudes + 1
     qmin, qmax = 2.0**emin, 2.0**emax
@@ -223,7 +223,7 @@ def resnet20(rules, *, logit_scale=False, seed=0):
 
 
 def test_float_and_fixed_2bit_resnet20_payloads_are_spec_sizes(tmp_path):
-    # SPEC §5: 268,346 weights -> 1048.2 KB at 32 bits, 65.5 KB at 2 bits.
+    # docs/method.md §5: 268,346 weights -> 1048.2 KB at 32 bits, 65.5 KB at 2 bits.
     model = resnet20([])
     result = ex.export_model(model, tmp_path / "float.mpq")
     assert result["payload_bytes"] == NUM_WEIGHTS_RESNET20 * 4

@@ -30,7 +30,7 @@ def test_descent_lowers_the_error_from_the_shared_4_bit_start():
         t = gaussian.run_case(family, par, samples, learning_rate=1e-2, steps=30)
         assert t.mse.shape == (31,) and t.bits.shape == (31,)
         assert np.all(np.isfinite(t.mse))
-        assert t.bits[0] == 4.0  # every case starts at b = 4 (SPEC §4)
+        assert t.bits[0] == 4.0  # every case starts at b = 4 (docs/method.md §4)
         assert t.mse[-1] <= t.mse[0]
         # the recorded MSE is the quantizer's real error at the recorded θ: recompute one
         spec = gaussian.experiment_spec(family, par)

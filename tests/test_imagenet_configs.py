@@ -35,7 +35,7 @@ def test_rows_and_files():
     for name in imagenet.ROWS:
         assert (EXPERIMENTS / f"{name}.py").read_text() == imagenet.row_file(name), name
         cfg.check(load(name).get_config())
-    # SPEC §9 Table 4, typed from there.
+    # docs/method.md §9 Table 4, typed from there.
     assert imagenet.ROWS["mobilenet_v2_ours_budget"].paper_error == 30.26
     assert imagenet.ROWS["resnet18_fixed_w4a4"].paper_error == 34.15
 
@@ -44,7 +44,7 @@ def test_rows_and_files():
     "network, mb", [("mobilenet_v2", (1.65, 0.57)), ("resnet18", (5.57, 0.38))]
 )
 def test_budgets_are_the_fixed_4_bit_sizes(network, mb):
-    """The budgets equal our accounting of the fixed 4/4 network, which SPEC §9 rounds to
+    """The budgets equal our accounting of the fixed 4/4 network, which docs/method.md §9 rounds to
     two decimals in MB."""
     budgets = imagenet.NETWORKS[network]["budgets_kb"]
     assert round(budgets["weight_kb"] / 1024, 2) == mb[0]

@@ -1,6 +1,6 @@
 """``python -m mpdnn.report`` and ``mpdnn.plots.plot_bitwidths``.
 
-The expected numbers are SPEC §5's ResNet-20 counts, recomputed here from the layer sizes
+The expected numbers are docs/method.md §5's ResNet-20 counts, recomputed here from the layer sizes
 (268,346 weights; 19 activation tensors: 7 of 16×32×32, 6 of 32×16×16, 6 of 64×8×8), not
 taken from the code under test. Every command runs in a subprocess, all started at once (each
 pays a few seconds of JAX import and model building).

@@ -71,7 +71,7 @@ def test_markdown_labels_every_row(rc, tmp_path):
     assert "20.00 / 10.00 (NO feasible)" in text
     assert "(final model, weight_kb over)" in text
     assert text.count("not run") >= 38  # every other row, in both tables
-    assert "lossy JPEG" in text  # SPEC §11's caveat
+    assert "lossy JPEG" in text  # docs/method.md §11's caveat
 
 
 def test_deadline_starts_nothing(rc, tmp_path, capsys):

@@ -1,7 +1,7 @@
 r"""Table 1: float32 ResNet-20 (Tables 1 and 3).
 
-Paper (SPEC §9, Table 1): 7.29 % test error on the original CIFAR-10. Ours runs on the lossy
-JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with the paper's
+Paper (docs/method.md §9, Table 1): 7.29 % test error on the original CIFAR-10. Ours runs on the lossy
+JPEG copy of ../shared/data (docs/method.md §11): compare rows with each other, not with the paper's
 absolute numbers.
 
 Settings: weights float; activations float; from scratch, lr 0.1; no budget; budget.recipe =

@@ -1,7 +1,7 @@
 r"""Table 1: U1 (b, d), weights + activations quantized, random init.
 
-Paper (SPEC §9, Table 1): 28.90 % test error on the original CIFAR-10. Ours runs on the lossy
-JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with the paper's
+Paper (docs/method.md §9, Table 1): 28.90 % test error on the original CIFAR-10. Ours runs on the lossy
+JPEG copy of ../shared/data (docs/method.md §11): compare rows with each other, not with the paper's
 absolute numbers.
 
 Settings: weights uniform b_d learned from 4 bits; activations uniform b_d learned from 4

@@ -1,7 +1,7 @@
 r"""Table 3: fixed, bits 2/4, sizes 65.5 / 8 / 92, uniform.
 
-Paper (SPEC §9, Table 3): 11.30 % test error on the original CIFAR-10. Ours runs on the lossy
-JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with the paper's
+Paper (docs/method.md §9, Table 3): 11.30 % test error on the original CIFAR-10. Ours runs on the lossy
+JPEG copy of ../shared/data (docs/method.md §11): compare rows with each other, not with the paper's
 absolute numbers.
 
 Settings: weights uniform fixed 2 bits; activations uniform fixed 4 bits; float-net init (lr

@@ -1,7 +1,7 @@
 r"""Table 3: ours, weight + act-sum budget, bits learned, sizes 70 / – / 92, pow2.
 
-Paper (SPEC §9, Table 3): 11.29 % test error on the original CIFAR-10. Ours runs on the lossy
-JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with the paper's
+Paper (docs/method.md §9, Table 3): 11.29 % test error on the original CIFAR-10. Ours runs on the lossy
+JPEG copy of ../shared/data (docs/method.md §11): compare rows with each other, not with the paper's
 absolute numbers.
 
 Settings: weights pow2 qmin_qmax learned from 4 bits; activations pow2 qmin_qmax learned

@@ -1,8 +1,8 @@
 r"""Table 3: ours, weight budget, bits learned/32, sizes 70 / 64 / 736, uniform, mpdnn's recipe
 (the paper's row: its number).
 
-Paper (SPEC §9, Table 3): 8.59 % test error on the original CIFAR-10. Ours runs on the lossy
-JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with the paper's
+Paper (docs/method.md §9, Table 3): 8.59 % test error on the original CIFAR-10. Ours runs on the lossy
+JPEG copy of ../shared/data (docs/method.md §11): compare rows with each other, not with the paper's
 absolute numbers.
 
 Settings: weights uniform d_qmax learned from 4 bits; activations float; float-net init (lr

@@ -1,7 +1,7 @@
 r"""Table 3: learned qmax, fixed b (TQT), bits 2/32, sizes 65.5 / 64 / 736, uniform.
 
-Paper (SPEC §9, Table 3): 9.47 % test error on the original CIFAR-10. Ours runs on the lossy
-JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with the paper's
+Paper (docs/method.md §9, Table 3): 9.47 % test error on the original CIFAR-10. Ours runs on the lossy
+JPEG copy of ../shared/data (docs/method.md §11): compare rows with each other, not with the paper's
 absolute numbers.
 
 Settings: weights uniform tqt 2 bits; activations float; float-net init (lr 0.03); no

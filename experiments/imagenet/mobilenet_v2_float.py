@@ -1,6 +1,6 @@
 r"""Table 4: mobilenet_v2, float32.
 
-Paper (SPEC §9, Table 4): 29.82 % top-1 error, sizes (weights / max activation) 13.23 MB / 4.59 MB.
+Paper (docs/method.md §9, Table 4): 29.82 % top-1 error, sizes (weights / max activation) 13.23 MB / 4.59 MB.
 The recipe is ours (the paper never published its ImageNet one): mpdnn.configs.imagenet
 says what it is and why.
 

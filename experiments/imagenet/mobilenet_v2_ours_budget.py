@@ -1,6 +1,6 @@
 r"""Table 4: mobilenet_v2, ours, weight + max-activation budget.
 
-Paper (SPEC §9, Table 4): 30.26 % top-1 error, sizes (weights / max activation) 1.55 / 0.57.
+Paper (docs/method.md §9, Table 4): 30.26 % top-1 error, sizes (weights / max activation) 1.55 / 0.57.
 The recipe is ours (the paper never published its ImageNet one): mpdnn.configs.imagenet
 says what it is and why.
 

@@ -1,6 +1,6 @@
 r"""Table 4: mobilenet_v2, ours, no budget.
 
-Paper (SPEC §9, Table 4): 29.41 % top-1 error, sizes (weights / max activation) 3.14 / 1.58.
+Paper (docs/method.md §9, Table 4): 29.41 % top-1 error, sizes (weights / max activation) 3.14 / 1.58.
 The recipe is ours (the paper never published its ImageNet one): mpdnn.configs.imagenet
 says what it is and why.
 

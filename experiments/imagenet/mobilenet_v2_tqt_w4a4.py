@@ -1,6 +1,6 @@
 r"""Table 4: mobilenet_v2, TQT 4/4 (learned range, fixed bits).
 
-Paper (SPEC §9, Table 4): 32.21 % top-1 error, sizes (weights / max activation) 1.65 / 0.57.
+Paper (docs/method.md §9, Table 4): 32.21 % top-1 error, sizes (weights / max activation) 1.65 / 0.57.
 The recipe is ours (the paper never published its ImageNet one): mpdnn.configs.imagenet
 says what it is and why.
 

@@ -1,6 +1,6 @@
 r"""Table 4: resnet18, float32.
 
-Paper (SPEC §9, Table 4): 29.72 % top-1 error, sizes (weights / max activation) 44.56 MB / 3.04 MB.
+Paper (docs/method.md §9, Table 4): 29.72 % top-1 error, sizes (weights / max activation) 44.56 MB / 3.04 MB.
 The recipe is ours (the paper never published its ImageNet one): mpdnn.configs.imagenet
 says what it is and why.
 

@@ -1,6 +1,6 @@
 r"""Table 4: resnet18, ours, weight + max-activation budget.
 
-Paper (SPEC §9, Table 4): 29.92 % top-1 error, sizes (weights / max activation) 5.40 / 0.38.
+Paper (docs/method.md §9, Table 4): 29.92 % top-1 error, sizes (weights / max activation) 5.40 / 0.38.
 The recipe is ours (the paper never published its ImageNet one): mpdnn.configs.imagenet
 says what it is and why.
 

@@ -1,6 +1,6 @@
 r"""Table 4: resnet18, ours, no budget.
 
-Paper (SPEC §9, Table 4): 29.34 % top-1 error, sizes (weights / max activation) 10.50 / 1.05.
+Paper (docs/method.md §9, Table 4): 29.34 % top-1 error, sizes (weights / max activation) 10.50 / 1.05.
 The recipe is ours (the paper never published its ImageNet one): mpdnn.configs.imagenet
 says what it is and why.
 

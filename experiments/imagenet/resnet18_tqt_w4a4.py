@@ -1,6 +1,6 @@
 r"""Table 4: resnet18, TQT 4/4 (learned range, fixed bits).
 
-Paper (SPEC §9, Table 4): 30.49 % top-1 error, sizes (weights / max activation) 5.57 / 0.38.
+Paper (docs/method.md §9, Table 4): 30.49 % top-1 error, sizes (weights / max activation) 5.57 / 0.38.
 The recipe is ours (the paper never published its ImageNet one): mpdnn.configs.imagenet
 says what it is and why.
 

@@ -5,7 +5,7 @@ config of this registry, run as ``experiments/budget_study.py:<arm>,seed=<s>``. 
 is sized for a 2-core CPU (the whole study in well under 75 minutes) and for differences of
 a point or two to show above the noise of three seeds:
 
-* **data**: the CIFAR-10 JPEG copy (SPEC §11); 5,000 training images held out as the
+* **data**: the CIFAR-10 JPEG copy (docs/method.md §11); 5,000 training images held out as the
   validation split (stratified, a fixed seed), 20,000 of the rest trained on, the **full
   10,000 test images** for every reported error;
 * **model**: :class:`mpdnn.models.SmallCNN` with widths 16/32/64/128 (four conv blocks, the
@@ -14,10 +14,10 @@ a point or two to show above the noise of three seeds:
   problem. Four activation tensors of 16,384 / 8,192 / 4,096 / 2,048 values;
 * **float**: 15 epochs at lr 0.1 (÷ 10 after 8 and 12), batch 64; one per seed;
 * **quantized arms**: from their seed's float net, 10 epochs at lr 0.03 (÷ 10 after 5 and
-  8; SPEC §8's quantized learning rate), batch 64, BatchNorm recalibrated on 20 training
+  8; docs/method.md §8's quantized learning rate), batch 64, BatchNorm recalibrated on 20 training
   batches before every evaluation (every arm, so that no arm's error carries stale
   statistics), best models selected on the validation split;
-* **budgets** (the paper's ratios, SPEC §8): weights 1.07 × the 2-bit network (70.1 / 65.5
+* **budgets** (the paper's ratios, docs/method.md §8): weights 1.07 × the 2-bit network (70.1 / 65.5
   KB in the paper): 25.729 KB; max activation 1.0125 × the 4-bit maximum (8.1 / 8 KB):
   8.1 KB.
 
@@ -29,7 +29,7 @@ recipe / ours); ``fixed_w2a4``, ``tqt_w2a4`` (4-bit activations), ``paper_w_amax
 ``mpdnn_w_amax`` (weights and activations learned under both budgets), and the
 heuristic with 4-bit activations, ``heuristic_w2a4``. Every arm also
 records the authors' selection (the lowest test error among evaluations within every
-budget, SPEC §6), labelled as theirs and never used to choose anything.
+budget, docs/method.md §6), labelled as theirs and never used to choose anything.
 
 ``:<arm>,seed=<s>`` picks one run; ``smoke`` (added to the argument) shrinks it to two
 steps on 30 images per class (tests).

@@ -1,4 +1,4 @@
-"""The rows of the paper's CIFAR-10 tables (SPEC §9, Tables 1 and 3) as configs.
+"""The rows of the paper's CIFAR-10 tables (docs/method.md §9, Tables 1 and 3) as configs.
 
 One :class:`Row` per cell the paper reports for ResNet-20: Table 1's float network and its
 six parametrizations (weights only, weights and activations; random and float-net init),
@@ -7,30 +7,31 @@ single source of truth: ``experiments/cifar10/<row>.py`` are thin files generate
 (``python -m mpdnn.configs.cifar10 --write experiments/cifar10``, checked by a test) and
 ``scripts/reproduce_cifar10.py`` runs any of them.
 
-Every row uses SPEC §8's recipe (:func:`mpdnn.training.config.base_config`): batch 128, 160
+Every row uses docs/method.md §8's recipe (:func:`mpdnn.training.config.base_config`): batch 128,
+160
 epochs, lr ÷ 10 after epochs 80 and 120, SGD momentum 0.9 with NNabla's update, weight decay
 2e-4 on everything, pad-4 crop and flip. Decisions where SPEC is silent, written down here:
 
 * **Float-net init** rows start from the ``float`` row's final model (``init.from_workdir =
-  "float"``, beside the row's workdir) at lr 0.03 (SPEC §8). **Random-init** rows train
-  from scratch like the float net, at its lr 0.1, with weights' steps d0 = 2^-3 (SPEC §4).
-* Table 1: initial bits 4 for every quantizer, no budget (SPEC §9). The b-parametrized
+  "float"``, beside the row's workdir) at lr 0.03 (docs/method.md §8). **Random-init** rows train
+  from scratch like the float net, at its lr 0.1, with weights' steps d0 = 2^-3 (docs/method.md §4).
+* Table 1: initial bits 4 for every quantizer, no budget (docs/method.md §9). The b-parametrized
   quantizers (U1, U2, P1, P2) learn b; U3 and P3 infer it.
 * Table 3: "fixed" and "TQT" keep the bitwidth of their row (2-bit weights, 4-bit
-  activations); fixed takes its steps from the float weights (SPEC §4) and does not learn
+  activations); fixed takes its steps from the float weights (docs/method.md §4) and does not learn
   them, TQT learns qmax at fixed b (``b_qmax`` with b pinned). "Ours" are U3 / P3 started
   at 4 bits under the paper's budgets (70.1 KB weights, 8.1 KB max or 92.1 KB summed
   activation) with the penalty λ = 0.1.
-* Pow2 networks get the authors' learnable logit scale (SPEC §6), automatically.
-* Every row pins ``budget.recipe = "paper"`` (the authors' update and selection, SPEC §6);
-  each "ours" row of Table 3 has a twin ``<row>_mpdnn`` with mpdnn's recipe (SPEC §13:
+* Pow2 networks get the authors' learnable logit scale (docs/method.md §6), automatically.
+* Every row pins ``budget.recipe = "paper"`` (the authors' update and selection, docs/method.md §6);
+  each "ours" row of Table 3 has a twin ``<row>_mpdnn`` with mpdnn's recipe (docs/method.md §13:
   freeze, margin, log-space θ steps, BatchNorm recalibration), reported beside it.
 * Checkpoints every 10 epochs (and at the end and on SIGTERM); evaluation every epoch, so
   both the final-epoch and the best-epoch error are known (the authors report the best).
 
 Modifiers (``:arg``, comma-separated):
 
-* ``reduced``: the protocol for any machine (SPEC §9's orderings on a CPU in well under an
+* ``reduced``: the protocol for any machine (docs/method.md §9's orderings on a CPU in well under an
   hour for every row): the first 150 images per class of each split (1,500 train / 1,500
   test), batch 32, the float net 25 epochs (lr ÷ 10 after 12 and 20), float-init rows 2
   epochs, random-init rows 5 epochs (÷ 10 after 4). About 45 minutes for all 39 rows with
@@ -53,7 +54,7 @@ import ml_collections
 from mpdnn.configs import _generate
 from mpdnn.training.config import base_config
 
-WEIGHT_BUDGET_KB = 70.1  # SPEC §8
+WEIGHT_BUDGET_KB = 70.1  # docs/method.md §8
 ACT_MAX_BUDGET_KB = 8.1
 ACT_SUM_BUDGET_KB = 92.1
 MODIFIERS = ("reduced", "smoke")
@@ -68,7 +69,7 @@ PARAMETRIZATIONS = {
     "p3": ("pow2", "qmin_qmax", "P3 (qmin, qmax)"),
 }
 
-#: SPEC §9 Table 1: (weights, weights+acts) x (random, float-net init); None = diverges.
+#: docs/method.md §9 Table 1: (weights, weights+acts) x (random, float-net init); None = diverges.
 TABLE1_PAPER = {
     "u1": ((17.8, 8.18), (28.9, 9.03)),
     "u2": ((8.80, 7.44), (9.43, 7.74)),
@@ -79,7 +80,7 @@ TABLE1_PAPER = {
 }
 FLOAT_PAPER = (8.50, 7.29)  # Table 1's float column: "random / float-net init"
 
-#: SPEC §9 Table 3: method -> (label, bits W/A, sizes, paper uniform, paper pow2).
+#: docs/method.md §9 Table 3: method -> (label, bits W/A, sizes, paper uniform, paper pow2).
 TABLE3 = {
     "fixed_w2": ("fixed", "2/32", "65.5 KB / 64 / 736", 10.81, 8.99),
     "tqt_w2": ("learned qmax, fixed b (TQT)", "2/32", "65.5 / 64 / 736", 9.47, 8.79),
@@ -241,8 +242,8 @@ def row_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 _TEMPLATE = '''\
 r"""{headline}
 
-Paper (SPEC §9, Table {table}): {paper} on the original CIFAR-10. Ours runs on the lossy
-JPEG copy of ../shared/data (SPEC §11): compare rows with each other, not with the paper's
+Paper (docs/method.md §9, Table {table}): {paper} on the original CIFAR-10. Ours runs on the lossy
+JPEG copy of ../shared/data (docs/method.md §11): compare rows with each other, not with the paper's
 absolute numbers.
 
 {settings}

@@ -7,10 +7,10 @@ Table 3 does for ResNet-20:
 
 * ``float``: the float network (lr 0.1, 30 epochs);
 * ``fixed``: every weight tensor fixed at 2 bits (uniform, step from the float weights,
-  SPEC §4), fine-tuned from ``float``;
+  docs/method.md §4), fine-tuned from ``float``;
 * ``learned``: U3 (d, qmax) weights started at 4 bits from ``float``, bits learned under a
   weight budget of 3.75 KB, 7% above the fixed 2-bit network's 3.49 KB (the paper's 70 KB
-  vs 65.5 KB), enforced by the penalty λ·max(0, g)² (SPEC §6).
+  vs 65.5 KB), enforced by the penalty λ·max(0, g)² (docs/method.md §6).
 
 Activations stay float (Table 3's "/32" rows). Expected: the learned network meets its
 budget and is at least as accurate as the fixed one, both a little below float.
@@ -46,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.learning_rate = 0.1
     c.optim.decay_epochs = (20, 25)
 
-    # Both quantized runs start from the float one; SPEC §8: quantized nets fine-tune at 0.03.
+    # Both quantized runs start from the float one; docs/method.md §8: quantized nets fine-tune at
+    # 0.03.
     quantized = {
         "init": {"from_workdir": "float"},
         "optim": {"learning_rate": 0.03, "decay_epochs": (12, 16)},

@@ -1,10 +1,10 @@
-"""ImageNet rows of the paper's Table 4 (SPEC §9): ResNet-18 and MobileNetV2, as configs.
+"""ImageNet rows of the paper's Table 4 (docs/method.md §9): ResNet-18 and MobileNetV2, as configs.
 
 Five rows per network — float, fixed 4/4, TQT 4/4, ours under a weight + max-activation
 budget, ours without a budget — generated into ``experiments/imagenet/<row>.py``
 (``python -m mpdnn.configs.imagenet --write experiments/imagenet``, checked by a test).
 
-**The recipe is ours**: the paper never published its ImageNet one (SPEC §8). What it
+**The recipe is ours**: the paper never published its ImageNet one (docs/method.md §8). What it
 states, and what we decided from it:
 
 * *Start from pretrained float nets*: every row starts from torchvision's float weights
@@ -16,7 +16,7 @@ states, and what we decided from it:
   λ_ImageNet = λ_CIFAR · (budget_CIFAR / budget_ImageNet)², per budget: λ_CIFAR = 0.1,
   budget_CIFAR = 70.1 KB (weights) and 8.1 KB (max activation). MobileNetV2: λ_w = 1.7e-4,
   λ_a = 1.9e-5; ResNet-18: λ_w = 1.5e-5, λ_a = 4.3e-5 (computed below, not typed).
-* *Budgets*: the fixed 4/4 network's sizes, exactly (SPEC §9 rounds them to 1.65 MB /
+* *Budgets*: the fixed 4/4 network's sizes, exactly (docs/method.md §9 rounds them to 1.65 MB /
   0.57 MB and 5.57 MB / 0.38 MB): MobileNetV2 1694.71 KB of weights and 588 KB for its
   largest activation (96×112×112 at 4 bits), ResNet-18 5703.08 KB and 392 KB (64×112×112).
   Ours must be no larger than the fixed 4-bit network; the paper's learned models came out
@@ -26,7 +26,7 @@ states, and what we decided from it:
   (drops at 50 % and 75 % of training) over a fine-tuning length. Quantized nets learn from
   4 bits. At the paper's 37 min per MobileNetV2 epoch on four V100s, 30 epochs is 18.5 h.
 * *Weight decay*: torchvision's own for each net (1e-4 ResNet-18, 4e-5 MobileNetV2), applied
-  to every parameter as the authors do on CIFAR-10 (SPEC §6).
+  to every parameter as the authors do on CIFAR-10 (docs/method.md §6).
 * *Data*: ``imagenet2012`` from a prepared tfds data_dir (``data.dir``); Inception-style
   random-resized crop + flip for training, resize-256/center-crop-224 for evaluation,
   torchvision's mean/std (:mod:`mpdnn.data.imagenet`).
@@ -54,7 +54,7 @@ CIFAR_LAMBDA = 0.1
 CIFAR_BUDGETS_KB = {"weight_kb": 70.1, "act_max_kb": 8.1}
 MODIFIERS = ("smoke",)
 
-#: Per network: the fixed 4/4 sizes in KB (our accounting, SPEC §5 units), the paper's
+#: Per network: the fixed 4/4 sizes in KB (our accounting, docs/method.md §5 units), the paper's
 #: Table 4 errors (float, fixed, TQT, ours with budget, ours without), weight decay.
 NETWORKS = {
     "mobilenet_v2": {
@@ -113,7 +113,9 @@ ROWS: dict[str, Row] = {
 
 
 def strengths(network: str) -> dict[str, float]:
-    """λ per budget: λ_CIFAR · (budget_CIFAR / budget)² (SPEC §8's statement, our reading)."""
+    """λ per budget: λ_CIFAR · (budget_CIFAR / budget)² (docs/method.md §8's statement, our
+    reading).
+    """
     budgets = NETWORKS[network]["budgets_kb"]
     return {k: CIFAR_LAMBDA * (CIFAR_BUDGETS_KB[k] / v) ** 2 for k, v in budgets.items()}
 
@@ -174,7 +176,7 @@ def row_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 _TEMPLATE = '''\
 r"""{headline}
 
-Paper (SPEC §9, Table 4): {paper} % top-1 error, sizes (weights / max activation) {sizes}.
+Paper (docs/method.md §9, Table 4): {paper} % top-1 error, sizes (weights / max activation) {sizes}.
 The recipe is ours (the paper never published its ImageNet one): mpdnn.configs.imagenet
 says what it is and why.
 

@@ -18,7 +18,7 @@ def normalize(images: jax.typing.ArrayLike, scale: float, offset: float) -> jax.
 def random_crop_flip(
     key: jax.Array, images: jax.typing.ArrayLike, *, pad: int = 4, flip: bool = True
 ) -> jax.Array:
-    """SPEC §8's train augmentation: zero-pad, random ``H×W`` crop, horizontal flip p=0.5.
+    """docs/method.md §8's train augmentation: zero-pad, random ``H×W`` crop, horizontal flip p=0.5.
 
     Each image gets its own crop offset, uniform over the ``(2·pad + 1)²`` positions, and its
     own flip. ``images`` are NHWC and already normalised: the padding is 0 *in the normalised

@@ -30,7 +30,7 @@ class ArrayDataset:
       train_labels, test_labels: int32 in ``[0, num_classes)``, one per image.
       num_classes: number of classes.
       pixel_scale, pixel_offset: the network input is ``image * pixel_scale + pixel_offset``
-        (e.g. CIFAR-10: ``2/255`` and ``-1``, i.e. ``(x/255 - 0.5)·2`` of SPEC §8).
+        (e.g. CIFAR-10: ``2/255`` and ``-1``, i.e. ``(x/255 - 0.5)·2`` of docs/method.md §8).
       description: where the data came from (path, split rule), for run reports.
       class_names: label ``i`` is ``class_names[i]``; empty when the source has no names.
       validation_images, validation_labels: images held out of the training set (see

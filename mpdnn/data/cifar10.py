@@ -5,7 +5,7 @@ In this order: a prepared tfds ``cifar10`` (array_record) on disk; the shared lo
 building it (only where TensorFlow, the ``tf`` extra, is installed *and* the download host
 answers within 2 s: tfds offline would retry for minutes); else a one-line
 :class:`DataError` that says which option to pass. No machine here reaches the internet
-(SPEC §11), so the last two never apply here.
+(docs/method.md §11), so the last two never apply here.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def load_cifar10(
     cache_dir: str | os.PathLike | None = None,
     max_per_class: int | None = None,
 ) -> ArrayDataset:
-    """CIFAR-10 as uint8 host arrays, normalised by ``(x/255 - 0.5)·2`` (SPEC §8).
+    """CIFAR-10 as uint8 host arrays, normalised by ``(x/255 - 0.5)·2`` (docs/method.md §8).
 
     Args:
       data_dir: a ``.tar.gz`` or directory with ``{train,test}/<class>/*.jpg``, or a tfds
@@ -109,8 +109,8 @@ def load_cifar10(
       cache_dir: where decoded JPEGs are cached (see :func:`load_image_folder`).
       max_per_class: first N images per class and split, for smoke runs.
 
-    The chosen source is named in ``description``. The shared copy is lossy JPEG (SPEC §11):
-    compare methods on it side by side, never with the paper's absolute numbers.
+    The chosen source is named in ``description``. The shared copy is lossy JPEG (docs/method.md
+    §11): compare methods on it side by side, never with the paper's absolute numbers.
     """
     if data_dir is not None:
         path = Path(data_dir).expanduser()
@@ -127,7 +127,9 @@ def load_cifar10(
         return _from_tfds(None, max_per_class)
     elif (archive := find_cifar10_archive()) is not None:
         ds = load_image_folder(archive, cache_dir=cache_dir, max_per_class=max_per_class)
-        origin = f"CIFAR-10, shared local copy (lossy JPEG q75, SPEC §11): {ds.description}"
+        origin = (
+            f"CIFAR-10, shared local copy (lossy JPEG q75, docs/method.md §11): {ds.description}"
+        )
     elif _can_build_with_tfds():
         _build_with_tfds()
         return _from_tfds(None, max_per_class)

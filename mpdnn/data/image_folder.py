@@ -1,6 +1,6 @@
 """Image-folder datasets (``{train,test}/<class>/*.jpg``) from a directory or a tar archive.
 
-This is the layout of the shared CIFAR-10 copy (SPEC §11) and of
+This is the layout of the shared CIFAR-10 copy (docs/method.md §11) and of
 ``tfds.folder_dataset.ImageFolder``; labels are the indices of the sorted class names. A tar
 is read in streaming mode, member by member, and never extracted: the shared copy lives on a
 read-only mount and 60,000 small files would cost more to write than to decode.
@@ -263,7 +263,7 @@ def load_image_folder(
         fast smoke runs.
 
     Images are decoded to RGB uint8 and must all have one size. The network input is
-    ``(x/255 - 0.5)·2`` (SPEC §8), i.e. ``pixel_scale = 2/255``, ``pixel_offset = -1``.
+    ``(x/255 - 0.5)·2`` (docs/method.md §8), i.e. ``pixel_scale = 2/255``, ``pixel_offset = -1``.
     """
     source = Path(path).expanduser()
     if not source.exists():

@@ -2,11 +2,12 @@
 
 A torchvision state dict (what ``torch.save(model.state_dict(), path)`` writes) becomes the
 parameters and BN statistics of our ``resnet18`` / ``mobilenet_v2``, whose topologies are
-torchvision's (SPEC §7)::
+torchvision's (docs/method.md §7)::
 
     model = mpdnn.models.build("resnet18", rngs=nnx.Rngs(0))
     load_torchvision(model, "resnet18.pth")  # or .safetensors / .npz: no torch needed
-    quantize_model(model, rules)  # weight quantizers start from the loaded weights (SPEC §4)
+    quantize_model(model, rules)  # weight quantizers start from the loaded weights (docs/method.md
+    §4)
 
 Load **before** :func:`~mpdnn.nn.quantize_model`: float-net init derives each weight
 quantizer's step from the layer's weights at quantization time, so a quantized model is
@@ -149,7 +150,7 @@ def _plan(model: nnx.Module) -> tuple[list[_Entry], list[str]]:
     if quantized:
         raise ValueError(
             f"model is already quantized ({quantized[0]}, ...): load float weights before "
-            "quantize_model, so the weight quantizers initialise from them (SPEC §4)"
+            "quantize_model, so the weight quantizers initialise from them (docs/method.md §4)"
         )
     entries, counters = [], []
     for ours, theirs in layers:

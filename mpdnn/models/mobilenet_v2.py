@@ -1,4 +1,4 @@
-"""MobileNetV2 (width 1.0) for ImageNet with the exact torchvision topology (SPEC §7).
+"""MobileNetV2 (width 1.0) for ImageNet with the exact torchvision topology (docs/method.md §7).
 
 stem conv3×3/32 stride 2 → BN → ReLU6; 17 inverted residual blocks from the (t, c, n, s)
 table :data:`INVERTED_RESIDUAL_SETTING`; block = expand conv1×1 (absent when t = 1) → BN →
@@ -9,13 +9,13 @@ bias and padding (k − 1)/2 as torch; BN momentum 0.9 (flax; torch's 0.1), eps 
 (torchvision's p = 0.2 before the classifier) is omitted: it is the identity at inference
 and a training recipe may add it around the model.
 
-Quantization sites (the authors never released this network; our decisions, SPEC §7):
+Quantization sites (the authors never released this network; our decisions, docs/method.md §7):
 
 * weights: all 52 convs (stem, depthwise and final included) and the linear layer,
   3,470,760 values;
 * unsigned activation sites ``ActQuant(float_fn=relu6)`` replace each ReLU6: the stem, the
   expand (16 blocks) and depthwise (17 blocks) outputs and the final 1280-channel output,
-  35 in all. The last one feeds the pool, as ResNet-20's last block output does (SPEC §5);
+  35 in all. The last one feeds the pool, as ResNet-20's last block output does (docs/method.md §5);
 * one signed site ``ActQuant(signed=True, float_fn=identity)`` per block, ``out_act``, on the
   block output: after the residual sum where there is one (10 blocks), else after the project
   BN (7 blocks), 17 in all. The linear bottleneck has no ReLU but feeds the next block's

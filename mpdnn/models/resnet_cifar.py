@@ -1,4 +1,4 @@
-"""ResNet-20 for CIFAR-10 exactly as the authors' code (SPEC §7).
+"""ResNet-20 for CIFAR-10 exactly as the authors' code (docs/method.md §7).
 
 stem conv3×3/16 → BN → act; three stages of three basic blocks, widths 16/32/64, strides
 1/2/2; block = conv3×3 → BN → act → conv3×3 → BN → (+ shortcut) → act. Shortcut "option A":

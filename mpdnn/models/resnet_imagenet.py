@@ -1,4 +1,4 @@
-"""ResNet-18 for ImageNet with the exact torchvision topology (SPEC §7).
+"""ResNet-18 for ImageNet with the exact torchvision topology (docs/method.md §7).
 
 stem conv7×7/64 stride 2 pad 3 → BN → act → max pool 3×3 stride 2 pad 1; four stages of two
 basic blocks, widths 64/128/256/512, strides 1/2/2/2; block = conv3×3 → BN → act → conv3×3 →
@@ -6,7 +6,7 @@ BN → (+ shortcut) → act, the shortcut a 1×1 conv (stride s) → BN where th
 (torchvision's ``downsample``), else the identity. Head: global average pool → linear
 512→1000 with bias. Convs have no bias; BN momentum 0.9 (flax; torch's 0.1), eps 1e-5.
 
-Quantization sites (the authors never released this network; our decisions, SPEC §7):
+Quantization sites (the authors never released this network; our decisions, docs/method.md §7):
 
 * weights: all 20 convs (stem and the three ``downsample`` convs included) and the linear
   layer, 11,679,912 values;

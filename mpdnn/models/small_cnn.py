@@ -2,7 +2,8 @@
 
 conv3×3/``widths[0]`` → BN → act, then one stride-2 conv3×3 → BN → act per further width,
 then global average pool → linear with bias. Every conv and the linear layer are weight
-sites, every activation an unsigned site, exactly like ResNet-20 (SPEC §7) but small enough
+sites, every activation an unsigned site, exactly like ResNet-20 (docs/method.md §7) but small
+enough
 to train in seconds on a laptop CPU.
 """
 

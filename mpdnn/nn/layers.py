@@ -45,7 +45,7 @@ class QuantizedWeights(nnx.Module):
 
     def set_quantizer(self, config: QuantConfig) -> None:
         """Quantize kernel and bias with ``config``; the bias quantizer is initialised like
-        its layer's kernel (SPEC §4)."""
+        its layer's kernel (docs/method.md §4)."""
         kernel = self.kernel[...]
         self.kernel_quant = Quantizer(config, kind="weight", init_from=kernel)
         if self.bias is not None:
@@ -189,7 +189,8 @@ class ActQuant(nnx.Module):
     """An activation quantizer site: replaces the float activation when quantized.
 
     Unsigned sites replace a ReLU/ReLU6 (the clip to ``[0, qmax]`` is a clipped ReLU,
-    SPEC §1.1); signed sites quantize tensors without a ReLU that feed a conv (SPEC §7).
+    docs/method.md §1.1); signed sites quantize tensors without a ReLU that feed a conv
+    (docs/method.md §7).
     Float, the site applies ``float_fn`` (the activation it stands for). The per-sample shape
     is recorded by the model (:func:`record_activation_shapes`) for the memory accounting.
     """
@@ -247,7 +248,8 @@ def record_activation_shapes(model: nnx.Module, input_shape: Sequence[int]) -> N
 class LogitScale(nnx.Module):
     """``scale · model(x)`` with one learnable scalar ``scale`` (init 1).
 
-    The authors' code gives power-of-two networks this scalar on the logits (SPEC §6): with
+    The authors' code gives power-of-two networks this scalar on the logits (docs/method.md §6):
+    with
     pow2 weights the classifier's output can only move in factors of two, and a free scale
     restores the softmax temperature. The wrapped model keeps its parameters and paths under
     ``model.`` (rules such as ``".*"`` still match every site).

@@ -1,4 +1,4 @@
-"""A quantizer as a Flax NNX module: its θ lives in the parameter tree (SPEC §2, §9).
+"""A quantizer as a Flax NNX module: its θ lives in the parameter tree (docs/method.md §2, §9).
 
 Four modes, one module:
 
@@ -31,7 +31,7 @@ FLOAT_BITS = 32.0
 
 
 class QuantParam(nnx.Param):
-    """A raw learnable quantizer value θ (``b``, ``d``, ``qmax`` or ``qmin``; SPEC §2)."""
+    """A raw learnable quantizer value θ (``b``, ``d``, ``qmax`` or ``qmin``; docs/method.md §2)."""
 
 
 class QuantState(nnx.Variable):
@@ -49,7 +49,7 @@ class QuantConfig:
         (``qmin_qmax``). ``tqt`` and ``fixed`` use ``b_qmax``.
       bits: initial bitwidth (``learned``) or the fixed one (``tqt``, ``fixed``).
       init: weights only: ``"float"`` derives the step from the layer's current weights
-        (SPEC §4, float-net init), ``"random"`` uses ``d0 = 2**-3``.
+        (docs/method.md §4, float-net init), ``"random"`` uses ``d0 = 2**-3``.
       spec_overrides: extra :class:`~mpdnn.quantizers.QuantSpec` fields (boxes,
         ``pow2_step``), as ``(("qmax_range", (0.01, 8.0)),)``.
     """
@@ -82,7 +82,7 @@ class QuantConfig:
         overrides = dict(self.spec_overrides)
         overrides["signed"] = signed
         if self.family == "pow2":
-            # Weights: signed, no zero code; activations: with zero (SPEC §1.2). A signed
+            # Weights: signed, no zero code; activations: with zero (docs/method.md §1.2). A signed
             # activation (a residual sum) keeps the zero code too.
             overrides.setdefault("with_zero", kind == "activation")
         if self.mode in ("tqt", "fixed"):
@@ -98,11 +98,11 @@ class Quantizer(nnx.Module):
 
     Args:
       config: what to do (``FLOAT`` when omitted).
-      kind: ``"weight"`` or ``"activation"`` (boxes and initialisation, SPEC §2, §4).
+      kind: ``"weight"`` or ``"activation"`` (boxes and initialisation, docs/method.md §2, §4).
       signed: the grid's signedness; default signed for weights, unsigned for activations.
       init_from: for a weight quantizer with ``config.init == "float"``: the float weights
         whose max magnitude sets the initial step (the bias quantizer gets its layer's kernel,
-        SPEC §4).
+        docs/method.md §4).
     """
 
     def __init__(
@@ -151,7 +151,7 @@ class Quantizer(nnx.Module):
         return mq.quantize(x, self.theta(), spec)
 
     def bits(self) -> jax.Array:
-        """Bits per value (SPEC §3), differentiable w.r.t. θ; 32 when not quantized."""
+        """Bits per value (docs/method.md §3), differentiable w.r.t. θ; 32 when not quantized."""
         spec = self.spec
         if spec is None:
             return jnp.float32(FLOAT_BITS)

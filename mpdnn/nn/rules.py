@@ -67,7 +67,7 @@ def quantizable_sites(model: nnx.Module) -> list[tuple[str, str, nnx.Module]]:
 def quantize_model(model: nnx.Module, rules: Sequence[Rule]) -> dict[str, QuantConfig | None]:
     """Give every site of ``model`` the config of its first matching rule, in place.
 
-    Weight quantizers are initialised from the layer's current weights (SPEC §4), so call
+    Weight quantizers are initialised from the layer's current weights (docs/method.md §4), so call
     this after loading a float network for float-net init. Returns ``{path: config}``
     (``None``: no rule matched, left float) so callers can log what was decided.
     """

@@ -1,4 +1,4 @@
-"""Memory accounting (SPEC §5) and the optax budget transforms (SPEC §6)."""
+"""Memory accounting (docs/method.md §5) and the optax budget transforms (docs/method.md §6)."""
 
 from mpdnn.optim.accounting import Accounting, QuantizerInfo, Sizes
 from mpdnn.optim.budget import (

@@ -1,4 +1,4 @@
-"""Memory accounting as a pure function of the parameter pytree (SPEC §5).
+"""Memory accounting as a pure function of the parameter pytree (docs/method.md §5).
 
 :func:`mpdnn.optim.memory` reads a merged NNX model. An optax transform sees only the
 parameter pytree, so :class:`Accounting` describes the model once, statically (which
@@ -8,14 +8,16 @@ the sizes from any parameter tree that holds the trained θ::
     accounting = Accounting.from_model(model)       # once, outside jit
     accounting(nnx.state(model, nnx.Param))         # {"weight_kb", "act_max_kb", "act_sum_kb"}
 
-Sizes follow SPEC §5 exactly, as :func:`~mpdnn.optim.memory` does (both share this module's
+Sizes follow docs/method.md §5 exactly, as :func:`~mpdnn.optim.memory` does (both share this
+module's
 core, so they cannot drift apart):
 
     S_w     = Σ_weight tensors  numel · b / 8192          (KB; float tensors b = 32)
     S_a,max = max_activations   numel · b / 8192          (gradient to the first argmax)
     S_a,sum = Σ_activations     numel · b / 8192
 
-with b from :func:`mpdnn.quantizers.bitwidth` (SPEC §3), straight-through, so every size is
+with b from :func:`mpdnn.quantizers.bitwidth` (docs/method.md §3), straight-through, so every size
+is
 differentiable w.r.t. the trained θ. A per-channel θ (an array) gives one b per channel; the
 tensor then counts ``numel · mean(b)`` bits (each channel holds ``numel / channels`` values).
 
@@ -53,7 +55,7 @@ SIZE_NAMES = ("weight_kb", "act_max_kb", "act_sum_kb")
 
 
 class CountedTensor(NamedTuple):
-    """One tensor of SPEC §5: a conv/linear kernel or bias, or a per-sample activation.
+    """One tensor of docs/method.md §5: a conv/linear kernel or bias, or a per-sample activation.
 
     ``site`` is the layer's dotted path, ``path`` its quantizer's (``site.kernel_quant``,
     ``site.bias_quant``, ``site.quant``); ``tensor`` is ``kernel``, ``bias`` or ``act``.
@@ -103,7 +105,7 @@ def _stacked_bitwidth(spec: mq.QuantSpec):
 def grouped_bits(
     quantizers: Sequence[tuple[mq.QuantSpec | None, Mapping[str, jax.typing.ArrayLike]]],
 ) -> list[jax.Array]:
-    """Bits (SPEC §3) of every ``(spec, θ)``, 32 where ``spec`` is None (float).
+    """Bits (docs/method.md §3) of every ``(spec, θ)``, 32 where ``spec`` is None (float).
 
     One vectorised :func:`mq.bitwidth` per distinct spec (and θ shapes): a network has 20–70
     quantizers but only a few specs, and one scalar graph per quantizer doubled the HLO of a
@@ -135,7 +137,7 @@ def tensor_kb(numel: int, bits: jax.Array) -> jax.Array:
 
 
 class Sizes(NamedTuple):
-    """The three totals of SPEC §5 in KB (differentiable scalar arrays)."""
+    """The three totals of docs/method.md §5 in KB (differentiable scalar arrays)."""
 
     weight_kb: jax.Array
     act_max_kb: jax.Array
@@ -297,7 +299,8 @@ class Accounting:
     def sizes(self, params: Any) -> Sizes:
         """Weight, max- and sum-activation memory (KB) at the θ in ``params``.
 
-        Differentiable w.r.t. the learned θ (straight-through through the bitwidth, SPEC §3).
+        Differentiable w.r.t. the learned θ (straight-through through the bitwidth, docs/method.md
+        §3).
         """
         return self.sizes_of_bits(self.tensor_bits(params))
 
@@ -338,7 +341,7 @@ class Accounting:
     def min_sizes(self) -> dict[str, float]:
         """Sizes (KB) of the smallest model training can reach.
 
-        Every tensor whose bits are learned at its minimum ``spec.b_range[0]`` (SPEC §3's
+        Every tensor whose bits are learned at its minimum ``spec.b_range[0]`` (docs/method.md §3's
         b_min); fixed, TQT and float tensors keep their bits. A budget below these numbers
         can never be met.
         """

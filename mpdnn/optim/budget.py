@@ -1,6 +1,6 @@
-"""Memory budgets as optax gradient transformations (SPEC §6).
+"""Memory budgets as optax gradient transformations (docs/method.md §6).
 
-A budget j asks ``S_j(θ) ≤ L_j``: ``S_j`` one of the sizes of SPEC §5 (``weight_kb``,
+A budget j asks ``S_j(θ) ≤ L_j``: ``S_j`` one of the sizes of docs/method.md §5 (``weight_kb``,
 ``act_max_kb``, ``act_sum_kb``, in KB), ``L_j`` its limit. With ``g_j = S_j − L_j``:
 
 * :func:`budget_penalty` (the paper): adds ``∇_θ Σ_j λ_j · max(0, g_j)²`` to the updates,
@@ -10,8 +10,9 @@ A budget j asks ``S_j(θ) ≤ L_j``: ``S_j`` one of the sizes of SPEC §5 (``wei
 
 Both read the sizes from a ``size_fn(params) -> {name: KB}``, usually an
 :class:`~mpdnn.optim.accounting.Accounting`; their gradients reach θ through the inferred
-bitwidth (straight-through, SPEC §3). The authors' code adds two stabilisers that are not in
-the paper but are needed to reproduce it (SPEC §6): :func:`clip_quantizer_gradients` and
+bitwidth (straight-through, docs/method.md §3). The authors' code adds two stabilisers that are not
+in
+the paper but are needed to reproduce it (docs/method.md §6): :func:`clip_quantizer_gradients` and
 :func:`project_quantizer_params`. NNabla's momentum SGD is :func:`sgd_nnabla`.
 
 The authors' update, in order: loss gradients (penalty included) → weight decay 2e-4 added to
@@ -56,7 +57,8 @@ _NO_PARAMS = (
 #: Default dual step size η of :func:`budget_lagrangian`, per KB of violation per step.
 DUAL_LEARNING_RATE = 0.01
 
-# The parametrizations whose gradients the authors clip, and by which θ (SPEC §6); the same
+# The parametrizations whose gradients the authors clip, and by which θ (docs/method.md §6); the
+# same
 # pairs (lower, upper) are kept ordered by the projection.
 _ORDERED_PAIRS: dict[tuple[str, str], tuple[str, str]] = {
     ("uniform", "d_qmax"): ("d", "qmax"),  # U3: clip to ±d, keep d < qmax
@@ -181,7 +183,7 @@ def budget_penalty(size_fn: SizeFn, budgets: Sequence[Budget]) -> optax.Gradient
     """The paper's budget penalty as a transform: adds its gradient to the updates.
 
     ``updates ← updates + ∇_params Σ_j λ_j(count) · max(0, g_j)²``, with
-    ``g_j = size_fn(params)[size_j] − (1 − ε_j)·limit_j`` in KB (SPEC §6; ε = 0 in the
+    ``g_j = size_fn(params)[size_j] − (1 − ε_j)·limit_j`` in KB (docs/method.md §6; ε = 0 in the
     paper). So ``∂/∂θ = Σ_j 2 λ_j max(0, g_j) ∂S_j/∂θ``: zero while every target is met.
     A vector size (``"act_kb"``) is one term per element: ``Σ_t λ · max(0, S_t − L)²``.
 
@@ -322,7 +324,7 @@ def check_feasible(accounting: Accounting, budgets: Sequence[Budget]) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# The authors' stabilisers (SPEC §6, "authors' code, not in the paper").
+# The authors' stabilisers (docs/method.md §6, "authors' code, not in the paper").
 
 
 def _reduce_to(x: jax.Array, shape: tuple[int, ...], op) -> jax.Array:
@@ -526,7 +528,7 @@ def freeze_quantizer_params(
     size_fn: SizeFn | None = None,
 ) -> optax.GradientTransformation:
     """Freeze every learned quantizer θ from the first update at or after ``start_step``
-    whose ``params`` meet every budget (at its limit, margins ignored); ours, SPEC §13.
+    whose ``params`` meet every budget (at its limit, margins ignored); ours, docs/method.md §13.
 
     From then on the updates of every θ leaf are zero, so θ (and the bits, steps and ranges
     they set) stay exactly at values that meet every budget, whatever the transforms before
@@ -590,7 +592,7 @@ def sgd_nnabla(
 
     ``v ← m·v + lr·g``, ``p ← p − v``. ``optax.sgd`` does ``v ← m·v + g``,
     ``p ← p − lr·v``: the same while lr is constant, but after a step decay (lr / 10 at epochs
-    80 and 120, SPEC §8) optax's old velocity is suddenly 10× weaker, NNabla's is not.
+    80 and 120, docs/method.md §8) optax's old velocity is suddenly 10× weaker, NNabla's is not.
     Built as ``chain(scale_by_learning_rate(lr), trace(m))``: the trace accumulates
     ``−lr·g``.
     """
@@ -680,7 +682,7 @@ def budget_chain(
     budgets: weight decay → SGD → projection (the authors project θ in every run). A model
     without learned θ gets no clip and no projection.
 
-    Ours, beyond the paper (SPEC §13):
+    Ours, beyond the paper (docs/method.md §13):
 
     * ``clip=False`` drops the clip;
     * ``quant_learning_rate_scale``, ``quant_momentum`` (None: ``momentum``) and

@@ -1,4 +1,4 @@
-"""Memory accounting of a quantized network, exactly in SPEC §5's units.
+"""Memory accounting of a quantized network, exactly in docs/method.md §5's units.
 
 * weight memory: Σ over every conv/linear kernel and bias of ``numel · b`` bits (BatchNorm not
   counted; float tensors 32 bits);
@@ -7,7 +7,7 @@
   The network input, the pooled feature before the classifier and the logits are not sites.
 
 1 KB = 1024 bytes. Bits come from :func:`mpdnn.quantizers.bitwidth`, so every total is
-differentiable w.r.t. the quantizer parameters (straight-through, SPEC §3) and a budget
+differentiable w.r.t. the quantizer parameters (straight-through, docs/method.md §3) and a budget
 penalty can train them. The function reads only the parameter tree and the static shapes
 recorded at model construction, so it runs inside a jitted loss on a merged model.
 """
@@ -40,7 +40,7 @@ class LayerMemory(NamedTuple):
 
 
 class MemoryReport(NamedTuple):
-    """Per-tensor rows and the totals of SPEC §5 (KB, differentiable arrays)."""
+    """Per-tensor rows and the totals of docs/method.md §5 (KB, differentiable arrays)."""
 
     rows: tuple[LayerMemory, ...]
     num_weights: int

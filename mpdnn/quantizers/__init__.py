@@ -1,4 +1,4 @@
-"""Quantizers of Uhlich et al. (ICLR 2020) as pure JAX functions (SPEC §1–4, §10).
+"""Quantizers of Uhlich et al. (ICLR 2020) as pure JAX functions (docs/method.md §1–4, §10).
 
 >>> import jax.numpy as jnp, mpdnn.quantizers as mq
 >>> spec = mq.QuantSpec(family="uniform", parametrization="d_qmax", signed=True)

@@ -61,7 +61,7 @@ def ceil_log2_ste(v: jax.Array) -> jax.Array:
     A bit count must not depend on a float ``log2`` landing a hair above an integer: with
     ``log2(8) = 3.0000002``, ``ceil`` would give a 4-bit quantizer 5 bits. The value comes
     from the binary exponent (exact); the gradient is the straight-through ``1/(v ln 2)``
-    that the paper's ``ceil(log2(.))`` gets with a straight-through ceil (SPEC §3).
+    that the paper's ``ceil(log2(.))`` gets with a straight-through ceil (docs/method.md §3).
     """
     return _ceil_log2_exact(v)
 
@@ -116,8 +116,9 @@ def pow2_round(v: jax.Array) -> jax.Array:
 def pow2_ste(v: jax.Array) -> jax.Array:
     """Snap positive ``v`` to the nearest power of two in the log domain: ``2**round(log2 v)``.
 
-    Gradient: straight-through in the log domain, ``d snap / d v = snap / v`` (SPEC §2,
-    hardware constraint 3; SPEC §1.2, ``dQ/dx = P(a)/a``). The caller guarantees ``v > 0``.
+    Gradient: straight-through in the log domain, ``d snap / d v = snap / v`` (docs/method.md §2,
+    hardware constraint 3; docs/method.md §1.2, ``dQ/dx = P(a)/a``). The caller guarantees ``v >
+    0``.
     """
     return pow2_round(v)
 
@@ -149,7 +150,8 @@ def at_least(v: jax.Array, lo: float) -> jax.Array:
 def exp2_int(e: jax.Array) -> jax.Array:
     """``2**e`` for integer-valued ``e``, exact in value, with the smooth gradient ``2**e ln 2``.
 
-    Used for the bit-derived quantities ``2**k - 1`` of SPEC §2; ``jnp.power`` is not exact
+    Used for the bit-derived quantities ``2**k - 1`` of docs/method.md §2; ``jnp.power`` is not
+    exact
     on every backend, and an inexact ``2**k`` would put U1's qmax off its own grid.
     """
     return exact_pow2(round_half_away(e), e.dtype)

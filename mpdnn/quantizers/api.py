@@ -1,4 +1,4 @@
-"""The public functional API of SPEC §10: ``quantize`` and ``bitwidth``."""
+"""The public functional API of docs/method.md §10: ``quantize`` and ``bitwidth``."""
 
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ def quantize(x: jax.typing.ArrayLike, theta: Theta, spec: QuantSpec) -> jax.Arra
       spec: the static :class:`QuantSpec`.
 
     Returns:
-      An array of ``x``'s shape and dtype on the quantizer's grid (SPEC §1), differentiable
-      w.r.t. ``x`` and ``theta`` with the straight-through gradients of SPEC §1–2. The
+      An array of ``x``'s shape and dtype on the quantizer's grid (docs/method.md §1),
+      differentiable
+      w.r.t. ``x`` and ``theta`` with the straight-through gradients of docs/method.md §1–2. The
       arithmetic runs in float32 for half-precision inputs.
     """
     x = jnp.asarray(x)
@@ -56,7 +57,7 @@ def quantize(x: jax.typing.ArrayLike, theta: Theta, spec: QuantSpec) -> jax.Arra
 
 
 def bitwidth(theta: Theta, spec: QuantSpec) -> jax.Array:
-    """Bits per value of the quantizer ``theta`` defines (SPEC §3), as a float32 array.
+    """Bits per value of the quantizer ``theta`` defines (docs/method.md §3), as a float32 array.
 
     U1, U2 and the b-based pow2 cases: ``round(clip(b))``. U3 and P3: inferred from the
     canonical parameters, at least ``spec.b_range[0]``, with no upper cap. Differentiable

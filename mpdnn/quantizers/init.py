@@ -1,6 +1,6 @@
-"""Initial raw θ for every parametrization (SPEC §4).
+"""Initial raw θ for every parametrization (docs/method.md §4).
 
-All initialisers first build the *uniform* starting point (d0, qmax0) of SPEC §4, then
+All initialisers first build the *uniform* starting point (d0, qmax0) of docs/method.md §4, then
 express it in the spec's own parametrization, so that every parametrization starts from the
 same quantizer (what the paper's Fig. 3 and Table 1 compare):
 
@@ -10,13 +10,14 @@ same quantizer (what the paper's Fig. 3 and Table 1 compare):
 * activations: ``d0 = 2**-3``, ``qmax0 = d0 (2**b0 - 1)`` (= 1.875 for b0 = 4);
 * pow2: ``qmax0 = 2**round(log2 qmax0_uniform)``, ``qmin0 = qmax0 / 2**(2**k - 1)`` with k
   the spec's magnitude bits at b0. For the paper's two configurations (signed weights without
-  zero, unsigned activations with zero) k = b0 - 1, SPEC §4's formula; for any other
+  zero, unsigned activations with zero) k = b0 - 1, docs/method.md §4's formula; for any other
   configuration this keeps the initial pow2 quantizer at exactly b0 bits.
 
 Decisions where SPEC is silent: an all-zero weight tensor (e.g. a zero-initialised bias) falls
 back to the random-init rule, since log2(0) has no step; every initial raw value is clipped
 strictly *inside* its box (a relative margin of 2**-10 from each edge), because the box passes
-no gradient on or outside its edges (SPEC §2), so a θ started on an edge would never move. The
+no gradient on or outside its edges (docs/method.md §2), so a θ started on an edge would never
+move. The
 margin never changes the quantizer: snapped values and rounded bits land back on the edge
 value. The step is clipped before qmax0 is derived from it, so the start keeps b0 bits. A
 signed pow2 start at b0 >= 6 spans 2**31 octaves or more, beyond the default qmin box
@@ -65,7 +66,8 @@ def _express(spec: QuantSpec, start: dict[str, jax.Array], bits: int) -> dict[st
 
 
 def _check_bits(spec: QuantSpec, bits: int) -> None:
-    # Every start is first a uniform grid (SPEC §4), which needs one magnitude bit beside the
+    # Every start is first a uniform grid (docs/method.md §4), which needs one magnitude bit beside
+    # the
     # sign: 2 bits signed, 1 unsigned, whatever the family.
     too_few = bits < (2 if spec.signed else 1)
     if too_few or spec.magnitude_bits(bits) < (1 if spec.family == "uniform" else 0):
@@ -75,7 +77,7 @@ def _check_bits(spec: QuantSpec, bits: int) -> None:
 def init_weight_theta(
     spec: QuantSpec, bits: int = 4, weights: jax.typing.ArrayLike | None = None
 ) -> dict[str, jax.Array]:
-    """Raw θ for a weight quantizer starting at ``bits`` bits (SPEC §4).
+    """Raw θ for a weight quantizer starting at ``bits`` bits (docs/method.md §4).
 
     With ``weights`` (a float network's kernel, or for a bias quantizer its layer's kernel)
     the step follows ``max|W|``; without, the random-init step ``2**-3``.
@@ -91,6 +93,8 @@ def init_weight_theta(
 
 
 def init_activation_theta(spec: QuantSpec, bits: int = 4) -> dict[str, jax.Array]:
-    """Raw θ for an activation quantizer starting at ``bits`` bits: ``d0 = 2**-3`` (SPEC §4)."""
+    """Raw θ for an activation quantizer starting at ``bits`` bits: ``d0 = 2**-3`` (docs/method.md
+    §4).
+    """
     _check_bits(spec, bits)
     return _express(spec, _uniform_start(spec, bits, jnp.float32(RANDOM_INIT_STEP)), bits)

@@ -1,4 +1,4 @@
-"""Parametrizations: raw learnable θ → canonical quantizer parameters (SPEC §2).
+"""Parametrizations: raw learnable θ → canonical quantizer parameters (docs/method.md §2).
 
 Each parametrization is a small conversion, not a copy of the quantizer. The hardware
 constraints of the paper's §2.2 are applied here, in the forward pass, all straight-through:
@@ -42,14 +42,14 @@ MAX_POW2_EXPONENT = 100.0
 
 
 class UniformParams(NamedTuple):
-    """Canonical uniform quantizer: step ``d`` and dynamic range ``qmax`` (SPEC §1.1)."""
+    """Canonical uniform quantizer: step ``d`` and dynamic range ``qmax`` (docs/method.md §1.1)."""
 
     d: jax.Array
     qmax: jax.Array
 
 
 class Pow2Params(NamedTuple):
-    """Canonical power-of-two quantizer: smallest and largest magnitude (SPEC §1.2)."""
+    """Canonical power-of-two quantizer: smallest and largest magnitude (docs/method.md §1.2)."""
 
     qmin: jax.Array
     qmax: jax.Array

@@ -1,6 +1,6 @@
 """Power-of-two quantizer in canonical form (qmin, qmax) and its inferred bitwidth.
 
-SPEC §1.2 and §3; paper Eq. (2). Pure ``jax.numpy``. Like the uniform quantizer, the
+docs/method.md §1.2 and §3; paper Eq. (2). Pure ``jax.numpy``. Like the uniform quantizer, the
 quantizer is one straight-through primitive with a hand-written, single-pass VJP (reverse mode
 only); see :mod:`mpdnn.quantizers.uniform` for why.
 """
@@ -18,7 +18,9 @@ from mpdnn.quantizers._ste import at_least, ceil_log2_ste, log2_exact, pow2_roun
 
 
 def _regions(x, qmin, qmax, signed, with_zero):
-    """Sign, magnitude and the indicators I1, I2, I3 of SPEC §1.2 (ReLU first if unsigned)."""
+    """Sign, magnitude and the indicators I1, I2, I3 of docs/method.md §1.2 (ReLU first if
+    unsigned).
+    """
     if not signed:
         x = jnp.maximum(x, jnp.zeros_like(x))
     s = jnp.where(x < 0, -jnp.ones_like(x), jnp.ones_like(x))  # sign(0) = +1
@@ -84,12 +86,15 @@ def bits(
     signed: bool = True,
     with_zero: bool = False,
 ) -> jax.Array:
-    """Inferred bitwidth (SPEC §3): ``max(ceil(log2(log2(qmax/qmin) + 1)) + extra, b_min)``.
+    """Inferred bitwidth (docs/method.md §3): ``max(ceil(log2(log2(qmax/qmin) + 1)) + extra,
+    b_min)``.
 
-    ``log2(qmax/qmin) + 1`` is the number of magnitudes; ``extra`` is SPEC §3's ``+1``, the
+    ``log2(qmax/qmin) + 1`` is the number of magnitudes; ``extra`` is docs/method.md §3's ``+1``,
+    the
     sign bit (weights) or the zero code (activations), and 2 for a signed quantizer with a
-    zero code (a signed activation site, SPEC §7): its ``2·magnitudes + 1`` codes do not fit
-    in one bit less (SPEC §3 is silent on this case; found by the property tests).
+    zero code (a signed activation site, docs/method.md §7): its ``2·magnitudes + 1`` codes do not
+    fit
+    in one bit less (docs/method.md §3 is silent on this case; found by the property tests).
     Where ``qmax <= qmin`` there is one magnitude (the authors' formula would take the log
     of a non-positive number there; its result is ``b_min`` wherever it is defined, and so
     is ours). Both logs are exact on powers of two, so a snapped quantizer never gains a

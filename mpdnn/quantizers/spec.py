@@ -1,4 +1,4 @@
-"""``QuantSpec``: the static description of one quantizer (SPEC §10).
+"""``QuantSpec``: the static description of one quantizer (docs/method.md §10).
 
 A spec is a frozen dataclass of Python values, hashable, so it can be a static argument of
 ``jax.jit``; it is also registered as a pytree with no leaves, so passing it as an ordinary
@@ -14,7 +14,7 @@ import jax
 
 Family = Literal["uniform", "pow2"]
 
-#: Learnable raw values of each parametrization, per family (SPEC §2).
+#: Learnable raw values of each parametrization, per family (docs/method.md §2).
 PARAMETRIZATIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "uniform": {
         "b_d": ("b", "d"),  # U1
@@ -39,7 +39,7 @@ PAPER_NAMES: dict[tuple[str, str], str] = {
 }
 
 #: Short labels: the paper's U1–U3/P3 where it names them; the b-based pow2 cases by θ (the
-#: paper's P1/P2 are inconsistent between its text and Table 1, SPEC §2).
+#: paper's P1/P2 are inconsistent between its text and Table 1, docs/method.md §2).
 SHORT_NAMES: dict[tuple[str, str], str] = {
     ("uniform", "b_d"): "U1",
     ("uniform", "b_qmax"): "U2",
@@ -59,18 +59,18 @@ class QuantSpec:
     """How one tensor is quantized: family, parametrization, signedness and boxes.
 
     Attributes:
-      family: ``"uniform"`` (fixed point, SPEC §1.1) or ``"pow2"`` (SPEC §1.2).
-      parametrization: which raw values θ are learned (SPEC §2). Uniform: ``"b_d"`` (U1),
+      family: ``"uniform"`` (fixed point, docs/method.md §1.1) or ``"pow2"`` (docs/method.md §1.2).
+      parametrization: which raw values θ are learned (docs/method.md §2). Uniform: ``"b_d"`` (U1),
         ``"b_qmax"`` (U2), ``"d_qmax"`` (U3). Pow2: ``"b_qmax"``, ``"b_qmin"``,
         ``"qmin_qmax"`` (P3).
       signed: symmetric signed grid (weights) or unsigned grid that replaces a ReLU.
       with_zero: pow2 only: magnitudes below ``qmin/√2`` map to 0 and one code is spent on
         zero. Ignored by the uniform family, whose grid always contains zero.
       pow2_step: snap the step ``d`` (uniform) or ``qmin``/``qmax`` (pow2) to powers of two
-        (SPEC §2, hardware constraint 3).
+        (docs/method.md §2, hardware constraint 3).
       b_range, d_range, qmax_range, qmin_range: boxes ``[lo, hi]`` that each raw θ is
-        clipped to in the forward pass (SPEC §2, constraint 1). ``b_range[0]`` is also the
-        minimum inferred bitwidth ``b_min`` (SPEC §3; the authors' ``*_bitwidth_min``).
+        clipped to in the forward pass (docs/method.md §2, constraint 1). ``b_range[0]`` is also the
+        minimum inferred bitwidth ``b_min`` (docs/method.md §3; the authors' ``*_bitwidth_min``).
 
     Defaults are the authors' weight boxes; :func:`activation_spec` gives activation ones.
     """
@@ -142,7 +142,7 @@ class QuantSpec:
         return 1 if self.family == "uniform" else 0
 
     def magnitude_bits(self, bits):
-        """k of SPEC §2: uniform ``b - signed``; pow2 ``b - signed - with_zero``."""
+        """k of docs/method.md §2: uniform ``b - signed``; pow2 ``b - signed - with_zero``."""
         k = bits - int(self.signed)
         if self.family == "pow2":
             k = k - int(self.with_zero)
@@ -172,7 +172,7 @@ def activation_spec(
     """An unsigned activation quantizer (replaces a ReLU) with the authors' activation boxes.
 
     Boxes (authors' code): d ∈ [2^-8, 1], qmax ∈ [2^-8, 255], qmin ∈ [2^-14, 255],
-    b ∈ [1, 8]. Pow2 activations use ``with_zero=True`` (SPEC §1.2).
+    b ∈ [1, 8]. Pow2 activations use ``with_zero=True`` (docs/method.md §1.2).
     """
     parametrization = parametrization or ("d_qmax" if family == "uniform" else "qmin_qmax")
     fields = dict(

@@ -1,6 +1,6 @@
 """Uniform (fixed-point) quantizer in canonical form (d, qmax) and its inferred bitwidth.
 
-SPEC §1.1 and §3; paper Eq. (1) and §2.3. Pure ``jax.numpy``.
+docs/method.md §1.1 and §3; paper Eq. (1) and §2.3. Pure ``jax.numpy``.
 
 The quantizer itself is one straight-through primitive with a hand-written VJP. Autodiff of
 the formula would be correct but slow: its transpose materialises one masked copy of the
@@ -35,7 +35,7 @@ def _bounds(qmax: jax.Array, signed: bool) -> jax.Array:
 def quantize(x: jax.Array, d: jax.Array, qmax: jax.Array, signed: bool) -> jax.Array:
     """``Q(x) = d * round(clip(x, lo, qmax) / d)``, ``lo = -qmax`` (signed) or 0 (unsigned).
 
-    Rounds half away from zero. Straight-through gradients (SPEC §1.1):
+    Rounds half away from zero. Straight-through gradients (docs/method.md §1.1):
 
     * ``dQ/dx = 1`` strictly inside ``(lo, qmax)``, else 0 (unsigned: 0 for x <= 0, the
       clipped ReLU);
@@ -76,7 +76,7 @@ quantize.defvjp(_quantize_fwd, _quantize_bwd)
 
 
 def bits(d: jax.Array, qmax: jax.Array, *, signed: bool, b_min: float) -> jax.Array:
-    """Inferred bitwidth (SPEC §3): ``max(ceil(log2(q/d + 1) + signed), b_min)``.
+    """Inferred bitwidth (docs/method.md §3): ``max(ceil(log2(q/d + 1) + signed), b_min)``.
 
     ``q = round(qmax/d) * d`` is qmax snapped to the grid, so ``q/d = round(qmax/d)`` counts
     the positive levels the quantizer really outputs; the ``+1`` (signed) is the sign bit.

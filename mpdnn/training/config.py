@@ -1,6 +1,7 @@
 """The experiment configuration: every number of a run lives in one ``ConfigDict``.
 
-:func:`base_config` holds the schema with SPEC §8's CIFAR-10 recipe as defaults; experiment
+:func:`base_config` holds the schema with docs/method.md §8's CIFAR-10 recipe as defaults;
+experiment
 files (``experiments/*.py``) start from it and change what their row of the paper changes.
 :func:`check` turns every kind of bad input into one :class:`ConfigError` line before any
 work starts (the command-line entry point prints it and exits with status 2).
@@ -48,14 +49,16 @@ def quantizer_config(mode: str = "float", bits: int = 4) -> ml_collections.Confi
     c.family = "uniform"  # uniform | pow2
     c.parametrization = config_dict.placeholder(str)  # None: U3 (d_qmax) / P3 (qmin_qmax)
     c.bits = bits  # initial (learned) or fixed bits
-    c.init = "float"  # weights: step from the current weights (SPEC §4) or "random"
-    for name in RANGES:  # None: the authors' boxes (SPEC §2)
+    c.init = "float"  # weights: step from the current weights (docs/method.md §4) or "random"
+    for name in RANGES:  # None: the authors' boxes (docs/method.md §2)
         setattr(c, name, config_dict.placeholder(tuple))
     return c
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """SPEC §8's CIFAR-10 recipe with a float ResNet-20; experiments override from here."""
+    """docs/method.md §8's CIFAR-10 recipe with a float ResNet-20; experiments override from
+    here.
+    """
     c = ml_collections.ConfigDict()
     c.name = "cifar10_resnet20_float"
     c.seed = 0
@@ -64,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "resnet20"
     c.model.widths = config_dict.placeholder(tuple)  # None: the model's own
     # A learnable scalar on the logits (nn.LogitScale); None: exactly when a kind is pow2,
-    # as the authors' code does (SPEC §6).
+    # as the authors' code does (docs/method.md §6).
     c.model.logit_scale = config_dict.placeholder(bool)
     # Conv/linear operand dtype (nn.set_compute_dtype): None = float32, or "bfloat16"
     # (exact for quantized layers up to 8 bits; products accumulate in float32).
@@ -80,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the selection falls back to the test set, the authors' way (labelled as such).
     c.data.validation_size = 0
     c.data.train_size = 0  # > 0: train on this many of the remaining images (stratified)
-    c.data.augment = True  # SPEC §8: pad 4, random crop, horizontal flip
+    c.data.augment = True  # docs/method.md §8: pad 4, random crop, horizontal flip
     c.data.pad = 4
     c.data.flip = True
     c.data.synthetic_shape = (32, 32, 3)  # only for name == "synthetic"
@@ -105,11 +108,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.budget = ml_collections.ConfigDict()
     for name in SIZES:
         setattr(c.budget, name, config_dict.placeholder(float))
-    # The training recipe (SPEC §13): "paper" is exactly the authors' update and selection;
+    # The training recipe (docs/method.md §13): "paper" is exactly the authors' update and
+    # selection;
     # "mpdnn" is ours. Every option below that is None takes its recipe's value (RECIPES).
     c.budget.recipe = "mpdnn"
     c.budget.method = "penalty"  # penalty | lagrangian
-    # λ of the penalty, sizes in KB (SPEC §6); None: the recipe's (paper: 0.1; mpdnn:
+    # λ of the penalty, sizes in KB (docs/method.md §6); None: the recipe's (paper: 0.1; mpdnn:
     # RELATIVE_STRENGTH / limit², the same pull on a given relative violation at any size).
     c.budget.strength = config_dict.placeholder(float)
     # Per-size λ overriding ``strength``, e.g. {"weight_kb": 1.7e-4} (ImageNet scales λ).
@@ -146,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 128  # global; the last partial batch of an epoch is dropped
     c.train.eval_batch_size = 500
     c.train.eval_every_epochs = 1
-    # The authors' selection (SPEC §6): > 0 evaluates the test set at every epoch end and
+    # The authors' selection (docs/method.md §6): > 0 evaluates the test set at every epoch end and
     # after calls that end within every budget, at most every this many steps; the minimum
     # is reported apart, labelled as the authors'. 0: off.
     c.train.eval_feasible_every = 0
@@ -181,7 +185,7 @@ def _fail(message: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """The resolved training-recipe options of one run (SPEC §13): every option the config
+    """The resolved training-recipe options of one run (docs/method.md §13): every option the config
     leaves at None takes the value of its ``budget.recipe`` (:data:`RECIPES`).
 
     ``freeze_epoch`` None means never; ``quant_momentum`` is resolved against
@@ -201,7 +205,7 @@ class Recipe:
 
 #: What each ``budget.recipe`` sets for the options a config leaves at None.
 #:
-#: ``paper`` is the authors' code exactly (SPEC §6): the ±d clip while a budget is active,
+#: ``paper`` is the authors' code exactly (docs/method.md §6): the ±d clip while a budget is active,
 #: θ trained like the weights, the max's gradient to its first argmax, no margin, no freeze,
 #: BatchNorm statistics as training left them.
 #:

@@ -1,9 +1,9 @@
-"""``train_and_evaluate(config, workdir)``: memory-constrained training (SPEC §6–8, §13).
+"""``train_and_evaluate(config, workdir)``: memory-constrained training (docs/method.md §6–8, §13).
 
 One run, from a :mod:`mpdnn.training.config` ``ConfigDict``:
 
 1. data (:mod:`mpdnn.data`) kept on the accelerators, replicated on every device; each step
-   gathers its batch by index and augments it on device (SPEC §8), so input never waits on
+   gathers its batch by index and augments it on device (docs/method.md §8), so input never waits on
    the host; ``data.validation_size`` holds a validation split out of the training images;
 2. the model (:data:`mpdnn.models.MODELS`), optionally started from a finished float run
    (``init.from_workdir``), quantized by the config's rules;
@@ -28,7 +28,7 @@ budget, bit changes, bits per tensor), ``metrics.jsonl``, TensorBoard events,
 budget: on the validation split when there is one, else on the test set, the authors' way)
 and ``final/`` (the final parameters, for float-net init of other runs).
 
-The delivered model meets every budget or the run says loudly that none did (SPEC §6): the
+The delivered model meets every budget or the run says loudly that none did (docs/method.md §6): the
 final model when θ froze within every budget, else the selected one; a run with budgets
 and no feasible model returns ``feasible=False`` and logs an error, and
 ``python -m mpdnn.train`` exits with status 3.
@@ -87,7 +87,7 @@ class RunResult:
 
     ``selection`` says how ``best_feasible_*`` was chosen: on the validation split
     (``data.validation_size``), or on the test set, the authors' way, labelled as such.
-    ``authors_test_error`` is the authors' selection (SPEC §6: the lowest test error among
+    ``authors_test_error`` is the authors' selection (docs/method.md §6: the lowest test error among
     evaluations within every budget; with a validation split only when
     ``train.eval_feasible_every`` asks for it). Test errors of a run with a validation
     split are of the final and the selected model, each evaluated once at the end.
@@ -161,7 +161,7 @@ def _resolve(path: str, workdir: Path) -> Path:
 
 def build_model(config: ml_collections.ConfigDict, dataset: mdata.ArrayDataset, workdir: Path):
     """The float model, loaded from ``init.from_workdir`` if set, quantized by rules and,
-    for pow2 runs, wrapped in :class:`~mpdnn.nn.LogitScale` (SPEC §6)."""
+    for pow2 runs, wrapped in :class:`~mpdnn.nn.LogitScale` (docs/method.md §6)."""
     kwargs: dict[str, Any] = {"input_shape": dataset.image_shape}
     if config.model.widths is not None:
         kwargs["widths"] = tuple(config.model.widths)
@@ -179,7 +179,7 @@ def build_model(config: ml_collections.ConfigDict, dataset: mdata.ArrayDataset, 
         load_final_model(model, source)
     if config.init.get("torchvision"):
         # torchvision's float weights (ImageNet nets), before quantization so that the
-        # weight quantizers start from them (SPEC §4's float-net init).
+        # weight quantizers start from them (docs/method.md §4's float-net init).
         try:
             load_torchvision(model, Path(config.init.torchvision).expanduser())
         except (OSError, ImportError, TypeError, ValueError) as err:
@@ -255,9 +255,9 @@ def make_optimizer(
     budgets: dict[str, float],
     steps_per_epoch: int,
 ) -> optax.GradientTransformation:
-    """The run's update (:func:`mpdnn.optim.budget_chain`): the authors' order (SPEC §6),
+    """The run's update (:func:`mpdnn.optim.budget_chain`): the authors' order (docs/method.md §6),
     budget term → weight decay → quantizer-gradient clipping (while a budget is active) →
-    NNabla momentum SGD → projection of θ, with the recipe's options (SPEC §13)."""
+    NNabla momentum SGD → projection of θ, with the recipe's options (docs/method.md §13)."""
     o = config.optim
     recipe = cfg.recipe(config)
     boundaries = {int(e) * steps_per_epoch: o.decay_factor for e in o.decay_epochs if int(e) > 0}
@@ -1038,7 +1038,7 @@ class Evaluator:
 
     ``meta`` (checkpointed with the state) holds ``best_error`` (lowest test error, budgets
     ignored), ``best_feasible`` (the selected model) and ``authors`` (the lowest test error
-    among evaluations that met every budget: the authors' selection, SPEC §6).
+    among evaluations that met every budget: the authors' selection, docs/method.md §6).
     """
 
     def __init__(

@@ -356,7 +356,9 @@ def test_refuses_quantized_model_and_other_networks(tmp_path):
 
 
 def test_float_net_init_uses_the_loaded_weights():
-    """Load, then quantize: each weight quantizer starts from the loaded kernel (SPEC §4)."""
+    """Load, then quantize: each weight quantizer starts from the loaded kernel (docs/method.md
+    §4).
+    """
     config = QuantConfig(bits=4)
     sd = random_state_dict(resnet18_keys(), seed=8)
     sd["fc.weight"] *= 10.0  # a max |W| no random init of ours would give

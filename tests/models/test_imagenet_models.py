@@ -1,4 +1,4 @@
-"""ResNet-18 and MobileNetV2 (SPEC §5, §7, §9 Table 4): topology, memory, quantization.
+"""ResNet-18 and MobileNetV2 (docs/method.md §5, §7, §9 Table 4): topology, memory, quantization.
 
 Every expected number is either SPEC's or recomputed here from the torchvision architecture
 tables with plain Python arithmetic, never read from the code under test. Each model is built
@@ -28,7 +28,7 @@ from mpdnn.nn import (
 )
 from mpdnn.optim import memory
 
-MB = 2.0**20  # bytes (SPEC §5)
+MB = 2.0**20  # bytes (docs/method.md §5)
 SMALL = (64, 64, 3)  # forward/gradient input: the nets are fully convolutional up to the pool
 RULES_4BIT = [
     Rule(".*", QuantConfig(bits=4), kind="weight"),
@@ -114,7 +114,7 @@ class Case:
     torchvision_params: int  # published total, BN affine parameters included
     act_sites: int  # our documented design (module docstrings)
     signed_sites: int
-    mb: dict[str, float]  # at 2 decimals: SPEC §5 / §9 Table 4's, except where noted
+    mb: dict[str, float]  # at 2 decimals: docs/method.md §5 / §9 Table 4's, except where noted
     paths: frozenset[str]  # some quantizable-site paths that must exist
     absent: frozenset[str] = frozenset()
 
@@ -130,7 +130,7 @@ CASES = {
             "weight32": 44.56,
             "weight4": 5.57,
             "act_max4": 0.38,
-            # SPEC §9 Table 4 prints 3.04 MB, but the 64×112×112 stem output is exactly
+            # docs/method.md §9 Table 4 prints 3.04 MB, but the 64×112×112 stem output is exactly
             # 802,816 · 4 B = 3.0625 MB (3.06); 3.04 = 8 × 0.38, the 4-bit value rounded
             # first. Checked below against the exact value, not against 3.04.
             "act_max32": 3.06,
@@ -252,7 +252,7 @@ def test_output_shape_224(case, models):
 
 
 # --------------------------------------------------------------------------------------------
-# Memory (SPEC §5 units: 1 MB = 2**20 bytes; memory() reports KB = 1024 bytes).
+# Memory (docs/method.md §5 units: 1 MB = 2**20 bytes; memory() reports KB = 1024 bytes).
 
 
 def check_mb(measured_kb: jax.Array, exact_mb: float, rounded_mb: float) -> None:

@@ -1,4 +1,6 @@
-"""ResNet-20 (SPEC §7): counts and sizes of SPEC §5 from an independent count, shapes, grads."""
+"""ResNet-20 (docs/method.md §7): counts and sizes of docs/method.md §5 from an independent count,
+shapes, grads.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from mpdnn.optim import memory
 
 
 def independent_resnet20_counts():
-    """Weights and activation tensors of ResNet-20 counted from its definition (SPEC §7)."""
+    """Weights and activation tensors of ResNet-20 counted from its definition (docs/method.md
+    §7).
+    """
     convs = [3 * 3 * 3 * 16]  # stem
     acts = [(16, 32, 32)]  # stem act
     in_c = 16
@@ -51,7 +55,7 @@ def test_independent_count_is_spec_5():
 @pytest.mark.parametrize(
     "weight_bits, act_bits, weight_kb, act_max_kb, act_sum_kb",
     [
-        # SPEC §5: 1048.2 KB float, 65.5 KB at 2 bits; 64/736 KB float, 8/92 KB at 4 bits
+        # docs/method.md §5: 1048.2 KB float, 65.5 KB at 2 bits; 64/736 KB float, 8/92 KB at 4 bits
         (None, None, 268_346 * 32 / 8 / 1024, 64.0, 736.0),
         (2, None, 268_346 * 2 / 8 / 1024, 64.0, 736.0),
         (2, 4, 268_346 * 2 / 8 / 1024, 8.0, 92.0),
@@ -71,7 +75,7 @@ def test_memory_matches_spec_5(
     assert float(report.act_max_kb) == pytest.approx(act_max_kb, rel=1e-6)
     assert float(report.act_sum_kb) == pytest.approx(act_sum_kb, rel=1e-6)
     assert round(float(report.weight_kb), 1) == {None: 1048.2, 2: 65.5}[weight_bits]
-    # the activation rows are the 19 tensors of SPEC §5, in forward order (channels last)
+    # the activation rows are the 19 tensors of docs/method.md §5, in forward order (channels last)
     shapes = [r.shape for r in report.rows if r.kind == "activation"]
     assert shapes == [(h, w, c) for c, h, w in acts]
 

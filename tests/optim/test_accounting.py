@@ -1,7 +1,8 @@
-"""Accounting: SPEC §5 sizes as a pure function of the parameter pytree.
+"""Accounting: docs/method.md §5 sizes as a pure function of the parameter pytree.
 
-Every expected number comes from SPEC §5 and the ResNet-20 shapes of SPEC §7, counted here
-by hand, or from memory(model) (itself tested against SPEC §5 in tests/models).
+Every expected number comes from docs/method.md §5 and the ResNet-20 shapes of docs/method.md §7,
+counted here
+by hand, or from memory(model) (itself tested against docs/method.md §5 in tests/models).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ U3_RULES = [nn.Rule(".*", Q(bits=4), kind="weight"), nn.Rule(".*", Q(bits=4), ki
 
 def resnet20_layers():
     """``(path, numel)`` of every weight tensor and ``(path, numel)`` of every activation
-    tensor of ResNet-20, from SPEC §7 (stem 3→16, stages 16/32/64 at 32/16/8 px, head 64→10)."""
+    tensor of ResNet-20, from docs/method.md §7 (stem 3→16, stages 16/32/64 at 32/16/8 px, head
+    64→10).
+    """
     weights = [("stem", 3 * 3 * 3 * 16)]
     acts = [("stem_act", 16 * 32 * 32)]
     in_c = 16
@@ -67,7 +70,7 @@ def mixed_bits(path: str, kind: str, learned_min: bool = False) -> float:
         if kind == "activation":
             return 3.0  # TQT
         return 2.0 if learned_min else 3.0  # U1, b_range (2, 8)
-    # U3 / P3, learned: init 4 bits; b_min 2 for weights, 1 for activations (SPEC §3)
+    # U3 / P3, learned: init 4 bits; b_min 2 for weights, 1 for activations (docs/method.md §3)
     return (2.0 if kind == "weight" else 1.0) if learned_min else 4.0
 
 
@@ -173,7 +176,8 @@ def test_theta_looks_up_learned_values_and_fills_constants(mixed):
     assert float(head["b"]) == 4.0
     assert float(head["qmax"]) == float(model.head.kernel_quant.qmax[...])
     u3 = acc.theta(pure, by_path["stages.0.0.act1.quant"])
-    assert float(u3["d"]) == 2.0**-3 and float(u3["qmax"]) == pytest.approx(1.875)  # SPEC §4
+    # docs/method.md §4
+    assert float(u3["d"]) == 2.0**-3 and float(u3["qmax"]) == pytest.approx(1.875)
 
 
 def test_missing_learned_theta_is_a_clear_error(mixed):
@@ -187,7 +191,7 @@ def test_missing_learned_theta_is_a_clear_error(mixed):
 
 
 def test_min_sizes_all_learned_u3_is_spec_5_at_b_min():
-    """SPEC §5: 268,346 weights at b_min = 2 → 65.5 KB; 188,416 activation values at
+    """docs/method.md §5: 268,346 weights at b_min = 2 → 65.5 KB; 188,416 activation values at
     b_min = 1: max 16·32·32 bits = 2 KB, sum 23 KB."""
     model = quantized(U3_RULES)
     acc = Accounting.from_model(model)

@@ -1,6 +1,7 @@
-"""Budget transforms (SPEC §6): penalty, Lagrangian, the authors' clip and projection, NNabla SGD.
+"""Budget transforms (docs/method.md §6): penalty, Lagrangian, the authors' clip and projection,
+NNabla SGD.
 
-Expected gradients come from SPEC §3 and §5 in closed form (sizes are step functions with
+Expected gradients come from docs/method.md §3 and §5 in closed form (sizes are step functions with
 straight-through gradients, so finite differences would mean nothing); expected clips and
 projections from the authors' rules written out with numpy.
 """
@@ -38,7 +39,7 @@ from mpdnn.optim.accounting import leaves_by_path
 
 KB = 8 * 1024
 Q = nn.QuantConfig
-NUM_WEIGHTS, NUM_ACTS = 268_346, 188_416  # ResNet-20, SPEC §5
+NUM_WEIGHTS, NUM_ACTS = 268_346, 188_416  # ResNet-20, docs/method.md §5
 W4_KB = NUM_WEIGHTS * 4 / KB  # every weight at 4 bits: 131.03 KB
 A4_SUM_KB = NUM_ACTS * 4 / KB  # every activation at 4 bits: 92 KB
 
@@ -66,7 +67,7 @@ def resnet():
 
 
 def u3_weight_size_grad(theta, numel: int) -> tuple[float, float]:
-    """∂S/∂(d, qmax) in KB of one signed U3 weight site, from SPEC §2–3 by hand.
+    """∂S/∂(d, qmax) in KB of one signed U3 weight site, from docs/method.md §2–3 by hand.
 
     d_s = 2^round(log2 d) (straight-through: ∂d_s/∂d = d_s/d); r = round(qmax/d_s) (STE);
     b = ceil(log2(r + 1)) + 1 (STE ceil): ∂b/∂r = 1/((r + 1) ln 2); S = numel·b/8192.
@@ -103,7 +104,7 @@ def test_penalty_gradient_is_the_closed_form_of_spec_6(resnet):
         np.testing.assert_allclose(got["qmax"], 2 * 0.1 * g_w * ds_dqmax, rtol=1e-5)
         np.testing.assert_allclose(got["d"], 2 * 0.1 * g_w * ds_dd, rtol=1e-5)
     # activation θ, unsigned U3: b = ceil(log2(qmax/d + 1)) → ∂S/∂qmax = numel/((r+1) d ln 2)/8192
-    d, qmax = 2.0**-3, 1.875  # activation init, SPEC §4
+    d, qmax = 2.0**-3, 1.875  # activation init, docs/method.md §4
     ds_dqmax = 32 * 16 * 16 / ((qmax / d + 1) * d * math.log(2)) / KB
     np.testing.assert_allclose(
         node(updates, "stages.1.2.act1.quant.qmax"), 2 * 0.5 * g_a * ds_dqmax, rtol=1e-5
@@ -449,13 +450,13 @@ def test_budget_chain_rejects_infeasible_budgets_and_runs(tiny):
 
 
 # ----------------------------------------------------------------------------------------
-# Ours, beyond the paper (SPEC §13): every activation tensor, margins, the freeze, the
+# Ours, beyond the paper (docs/method.md §13): every activation tensor, margins, the freeze, the
 # log-space update, and budget_chain's switches.
 
 
 def test_max_gradient_all_and_first_differ_exactly_as_the_formulas_say(resnet):
     """ResNet-20 at 4-bit activations: 7 tensors of 16×32×32 (8 KB), 6 of 32×16×16 (4 KB),
-    6 of 64×8×8 (2 KB). Against L = 3 KB, ``"first"`` (the max, SPEC §6) pushes the stem's
+    6 of 64×8×8 (2 KB). Against L = 3 KB, ``"first"`` (the max, docs/method.md §6) pushes the stem's
     tensor alone with 2λ(8 − 3); ``"all"`` (Σ_t λ max(0, S_t − L)²) pushes all 13 tensors
     above L, each with 2λ(S_t − L), and none below."""
     acc, params = resnet
@@ -469,7 +470,7 @@ def test_max_gradient_all_and_first_differ_exactly_as_the_formulas_say(resnet):
     np.testing.assert_allclose(s_all.violations, expected, rtol=1e-6)
     assert s_all.multipliers.shape == (19,)
 
-    def ds_dqmax(numel):  # unsigned U3 at the activation init (SPEC §3, §4), in KB
+    def ds_dqmax(numel):  # unsigned U3 at the activation init (docs/method.md §3, §4), in KB
         d, qmax = 2.0**-3, 1.875
         return numel / ((qmax / d + 1) * d * math.log(2)) / KB
 

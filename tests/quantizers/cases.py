@@ -140,7 +140,8 @@ def check_against_reference(
 
 
 def bitwidth_boundary_cases(bits: int) -> list[tuple[mq.QuantSpec, dict, int]]:
-    """(spec, θ, expected bits) exactly at and one level past a ``bits``-bit grid (SPEC §3).
+    """(spec, θ, expected bits) exactly at and one level past a ``bits``-bit grid (docs/method.md
+    §3).
 
     Counted by hand: a signed uniform grid with 2^(b-1) - 1 positive levels needs b bits and
     one more level needs b + 1; unsigned, 2^b - 1 levels above zero; signed pow2 without zero,

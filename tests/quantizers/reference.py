@@ -1,8 +1,9 @@
-"""An independent NumPy (float64) reading of SPEC §1–3, forward values and closed-form gradients.
+"""An independent NumPy (float64) reading of docs/method.md §1–3, forward values and closed-form
+gradients.
 
 Written from the SPEC's formulas only, without importing mpdnn's numerics, so that tests
 compare the library against a second implementation rather than against itself. Gradients are
-the closed forms of SPEC §1 chained by hand through the parametrizations of §2.
+the closed forms of docs/method.md §1 chained by hand through the parametrizations of §2.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def canonical(theta: dict, spec) -> dict:
 
 
 def uniform_forward(x, d, qmax, signed):
-    """Q, dQ/dx, dQ/dd, dQ/dqmax of SPEC §1.1, elementwise."""
+    """Q, dQ/dx, dQ/dd, dQ/dqmax of docs/method.md §1.1, elementwise."""
     x = np.asarray(x, np.float64)
     lo = -qmax if signed else 0.0
     c = np.clip(x, lo, qmax)
@@ -117,7 +118,7 @@ def uniform_forward(x, d, qmax, signed):
 
 
 def pow2_forward(x, qmin, qmax, signed, with_zero):
-    """Q, dQ/dx, dQ/dqmin, dQ/dqmax of SPEC §1.2, elementwise."""
+    """Q, dQ/dx, dQ/dqmin, dQ/dqmax of docs/method.md §1.2, elementwise."""
     x = np.asarray(x, np.float64)
     if not signed:
         x = np.maximum(x, 0.0)
@@ -153,7 +154,7 @@ def quantize_and_grads(x, theta: dict, spec, cotangent):
 
 
 def bits(theta: dict, spec) -> float:
-    """Inferred or integer bitwidth of SPEC §3."""
+    """Inferred or integer bitwidth of docs/method.md §3."""
     v = canonical(theta, spec)["val"]
     if spec.parametrization.startswith("b_"):
         return v["b"]
@@ -165,7 +166,7 @@ def bits(theta: dict, spec) -> float:
     levels = math.log2(v["qmax"] / v["qmin"]) + 1.0
     if levels <= 1.0:
         return float(b_min)
-    # SPEC §3's +1 (sign or zero code); a signed grid with a zero code has 2·levels + 1
-    # codes, one bit more (SPEC §3 states only the paper's two configurations).
+    # docs/method.md §3's +1 (sign or zero code); a signed grid with a zero code has 2·levels + 1
+    # codes, one bit more (docs/method.md §3 states only the paper's two configurations).
     extra = 2.0 if (spec.signed and spec.with_zero) else 1.0
     return float(max(math.ceil(math.log2(levels)) + extra, b_min))

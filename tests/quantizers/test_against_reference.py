@@ -1,6 +1,6 @@
 """Values and straight-through gradients of every parametrization against ``reference.py``.
 
-The reference is an independent float64 NumPy reading of SPEC §1–3 with the closed-form
+The reference is an independent float64 NumPy reading of docs/method.md §1–3 with the closed-form
 gradients of §1 chained by hand through §2 (finite differences of a step function mean
 nothing). θ is drawn inside and outside its box; x covers the inside and outside of the range
 and the exact bounds, where ties must go to the bound.
@@ -38,7 +38,8 @@ def test_bitwidth_matches_reference(maybe_jit):
     assert not errors, errors[:5]
 
 
-# Hand-computed cases (no code involved): SPEC §1.1 gradients inside and outside the range.
+# Hand-computed cases (no code involved): docs/method.md §1.1 gradients inside and outside the
+# range.
 def test_u3_closed_form_by_hand():
     spec = mq.QuantSpec(family="uniform", parametrization="d_qmax", signed=True)
     # raw d = 0.3 snaps to 0.25 (log2 0.3 = -1.74 -> -2); qmax = 1.0.
@@ -104,7 +105,9 @@ def test_u1_gradient_grows_with_bits():
 
 
 def test_bitwidth_gradients_closed_form():
-    """SPEC §3 with straight-through ceil/round: the gradient of the smooth inner formula."""
+    """docs/method.md §3 with straight-through ceil/round: the gradient of the smooth inner
+    formula.
+    """
     ln2 = math.log(2.0)
     # U3 signed: d raw 0.1 -> 0.125, qmax 1.0: q/d = 8, b = ceil(log2 9 + 1) = 5.
     spec = mq.QuantSpec()

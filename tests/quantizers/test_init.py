@@ -1,4 +1,6 @@
-"""SPEC §4 initialisation, with the expected numbers worked out by hand in each comment."""
+"""docs/method.md §4 initialisation, with the expected numbers worked out by hand in each
+comment.
+"""
 
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def test_weight_init_from_float_weights(wmax, bits, d0, qmax0):
     w = jnp.array([0.1 * wmax, -wmax, 0.5 * wmax])
     spec = mq.weight_spec("uniform")
     theta = mq.init_weight_theta(spec, bits, weights=w)
-    # The quantizer is exactly SPEC §4's; raw values on a box edge are nudged inside by a
+    # The quantizer is exactly docs/method.md §4's; raw values on a box edge are nudged inside by a
     # relative 2^-10, where the box passes gradient (the snap maps them back onto the edge).
     params = mq.canonical(theta, spec)
     assert float(params.d) == d0

@@ -1,4 +1,4 @@
-"""mpdnn's training recipe in the trainer (SPEC §13): BatchNorm recalibration, the freeze,
+"""mpdnn's training recipe in the trainer (docs/method.md §13): BatchNorm recalibration, the freeze,
 the validation split and selection, the per-epoch diagnostics, the recipe's resolution."""
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ def test_budget_below_minimum_prints_the_minimum(tmp_path):
     config = tiny_config()
     dataset = load_data(config)
     model = build_model(config, dataset, tmp_path)
-    # Independent count: every learned weight site at b_min = 2 bits (SPEC §2 weight box).
+    # Independent count: every learned weight site at b_min = 2 bits (docs/method.md §2 weight box).
     numel = sum(
         int(np.prod(x.shape))
         for path, x in nnx.iter_graph(model)
