@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's GPU session in one command: the trainer's throughput (float against U3 with its
+# The CIFAR-10 GPU session in one command: the trainer's throughput (float against U3 with its
 # budgets) and then full 160-epoch rows of the CIFAR-10 tables, float first, until a time
 # limit; everything it produced is packed into $OUT. Written for a lent GPU machine whose
 # Python lacks ml_collections and tensorboardX (carried as wheels in .whl/) and which reads

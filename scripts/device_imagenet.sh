@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks in one command (not yet run: the lease of the session that wrote it was
-# spent on issue 5). Training throughput of float vs quantized MobileNetV2 and ResNet-18 on
-# synthetic 224x224 ImageNet-shaped data (batch 256, bfloat16 conv operands, the budgets of
-# mpdnn.configs.imagenet), then the torchvision conversion check (torch and torchvision are
-# installed on the lent machines). Results land in $OUT.
+# The GPU checks of MobileNetV2 and ResNet-18 in one command (not yet run: the lease of the
+# session that wrote it was spent on the CIFAR-10 throughput and rows). Training throughput of
+# float vs quantized MobileNetV2 and ResNet-18 on synthetic 224x224 ImageNet-shaped data
+# (batch 256, bfloat16 conv operands, the budgets of mpdnn.configs.imagenet), then the
+# torchvision conversion check (torch and torchvision are installed on the lent machines).
+# Results land in $OUT.
 #
 #   bash scripts/device_imagenet.sh            # about 6 minutes on one H100/H200
 #

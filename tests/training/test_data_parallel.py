@@ -1,4 +1,4 @@
-"""One device vs 8 (fake CPU) devices: the same training, step for step (issue 4)."""
+"""One device vs 8 (fake CPU) devices: the same training, step for step."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Two processes train like one (issue 6): ``jax.distributed`` on localhost, one CPU device per
+"""Two processes train like one: ``jax.distributed`` on localhost, one CPU device per
 process, cross-process collectives over gloo (JAX's CPU default).
 
 Three processes of ``multihost_worker.py`` start at once: two form a distributed job through
