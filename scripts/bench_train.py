@@ -14,9 +14,9 @@ Cases (docs/method.md §8/§9, batch 128):
 * ``u3_wa``: U3 weights and activations under 70.1 KB weights and 8.1 KB max activation.
 
 Prints images/s per case and the ratio to float; ``--json`` writes them with provenance.
-The GPU throughput target (results/perf.md): quantized ≥ 0.9× float. Short runs cannot meet the budgets, so
-the trainer logs "NO ... met every budget" for the quantized cases: expected here,
-the point is that the budget terms are active while timing.
+The GPU throughput target (results/perf.md): quantized ≥ 0.9× float. Short runs cannot meet
+the budgets, so the trainer logs "NO ... met every budget" for the quantized cases: expected
+here, the point is that the budget terms are active while timing.
 
     python scripts/bench_train.py [--steps 400] [--steps_per_call 50] [--json PATH]
     python scripts/bench_train.py --steps 6 --steps_per_call 2 --warmup 1   # CPU check
