@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 import mpdnn.quantizers as mq
-from mpdnn import gaussian
+
+EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "gaussian_mse.py"
+
+
+def _load_experiment():
+    """experiments/ is not a package: load the experiment by path, as a script is run."""
+    spec = importlib.util.spec_from_file_location("gaussian_mse_experiment", EXPERIMENT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gaussian = _load_experiment()
 
 
 def test_oscillation_measure_on_hand_made_curves():
@@ -72,3 +87,16 @@ def test_verdict_is_computed_not_assumed():
     bad[keys[5]] = summary(keys[5], 0.5, osc=1.0)  # P3 lowest but oscillating
     v = gaussian.verdict(bad)
     assert not v["uniform"].holds and not v["pow2"].holds
+
+
+def test_the_command_writes_its_results_and_figures(tmp_path):
+    gaussian.main(["--smoke", "--lrs", "0.01", "--out_dir", str(tmp_path)])
+    record = json.loads((tmp_path / "gaussian_mse.json").read_text())
+    assert [(r["setting"], r["learning_rate"]) for r in record["runs"]] == [
+        ("pow2 step", 0.01),
+        ("free step", 0.01),
+    ]
+    assert set(record["runs"][0]["cases"]) == {gaussian.case_id(f, p) for f, p in gaussian.CASES}
+    assert record["config"]["steps"] == gaussian.SMOKE_STEPS
+    for name in ("gaussian_mse.md", "gaussian_mse.png", "gaussian_mse_all.png"):
+        assert (tmp_path / name).stat().st_size > 0
