@@ -25,6 +25,7 @@ import mpdnn.quantizers as mq
 from mpdnn import export as ex
 from mpdnn import optim
 from mpdnn.data import find_cifar10_archive, load_dataset, normalize
+from mpdnn.export import codec, mpq, reference
 from mpdnn.models import build
 from mpdnn.nn import LogitScale, QuantConfig, Rule, quantize_model
 
@@ -109,7 +110,7 @@ def test_one_bitstream_for_mixed_tensors(tmp_path, monkeypatch, chunk):
     """Tensors of 2..8 bits, pow2 and float32 share one stream: no per-tensor padding (and
     the packer's chunking, forced small here, changes nothing)."""
     if chunk:
-        monkeypatch.setattr(ex, "_CHUNK", chunk)
+        monkeypatch.setattr(codec, "_CHUNK", chunk)
     rng = np.random.default_rng(0)
     tensors, expected, total_bits = [], {}, 0
     d, spec = 0.25, mq.weight_spec("uniform")
@@ -186,13 +187,16 @@ def test_fused_multiply_add_rounds_once():
     b = np.float32(1 - 2.0**-23)
     c = np.float32(1 + 2.0**-23)
     assert np.float32(np.float64(a) * np.float64(b) + np.float64(c)) != c  # twice: wrong
-    assert ex._fma32(np.array([a, -a]), np.array([b, b]), np.array([c, -c])).tolist() == [c, -c]
+    assert reference._fma32(np.array([a, -a]), np.array([b, b]), np.array([c, -c])).tolist() == [
+        c,
+        -c,
+    ]
     rng = np.random.default_rng(0)
     a, b, c = (
         (rng.normal(0, 1, 3000) * 2.0 ** rng.integers(-30, 30, 3000)).astype(np.float32)
         for _ in range(3)
     )
-    got = ex._fma32(a, b, c)
+    got = reference._fma32(a, b, c)
     want = [
         _round_to_f32(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z)))
         for x, y, z in zip(a, b, c, strict=True)
@@ -446,8 +450,8 @@ def test_batch_norm_matches_the_jitted_flax_batch_norm_bitwise():
     graphdef, state = nnx.split(bn)
     x = rng.normal(0, 3, (8, 8, 8, 64)).astype(np.float32)
     flax_y = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
-    mul = np.asarray(ex._batch_norm_multiplier(bn))
+    mul = np.asarray(mpq._batch_norm_multiplier(bn))
     centred = x - np.asarray(bn.mean[...])
     bias = np.asarray(bn.bias[...])
-    np.testing.assert_array_equal(ex._fma32(centred, mul, bias), flax_y)
+    np.testing.assert_array_equal(reference._fma32(centred, mul, bias), flax_y)
     assert np.any(centred * mul + bias != flax_y)  # two roundings would not reproduce it
