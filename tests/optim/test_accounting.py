@@ -7,6 +7,7 @@ by hand, or from memory(model) (itself tested against docs/method.md §5 in test
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -250,3 +251,41 @@ def test_memory_rows_are_unchanged_by_the_shared_core(mixed):
     # the row of a float tensor counts 32 bits
     row = next(r for r in report.rows if r.path == "stages.2.2.conv2")
     assert float(row.bits) == 32.0 and float(row.kb) == pytest.approx(36864 * 32 / KB)
+
+
+def test_to_json_is_the_hand_count_in_plain_json_values(mixed):
+    model, _ = mixed
+    record = memory(model).to_json()
+    assert json.loads(json.dumps(record, allow_nan=False)) == record  # plain JSON values
+    assert record["model"] == "ResNetCifar" and record["input_shape"] == [32, 32, 3]
+    assert memory(model).to_json("resnet20")["model"] == "resnet20"
+    weights, acts = resnet20_layers()
+    expected = hand_sizes(mixed_bits)
+    assert record["num_weights"] == sum(n for _, n in weights) == 268_346
+    assert record["num_activations"] == sum(n for _, n in acts) == 188_416
+    assert record["num_activation_tensors"] == len(acts) == 19
+    for key in ("weight_kb", "act_max_kb", "act_sum_kb"):
+        assert record[key] == pytest.approx(expected[key], rel=1e-6)
+    assert record["weight_mb"] == record["weight_kb"] / 1024  # 1 MB = 2**20 bytes
+    assert record["units"] == "1 KB = 1024 bytes, 1 MB = 2**20 bytes; activations per sample"
+    layers = record["layers"]
+    assert [r["index"] for r in layers] == list(range(len(weights) + len(acts)))
+    by_name = {
+        (r["path"] + ".bias" if r["tensor"] == "bias" else r["path"], r["kind"]): r for r in layers
+    }
+    hand = [(p, "weight", n) for p, n in weights] + [(p, "activation", n) for p, n in acts]
+    assert set(by_name) == {(p, k) for p, k, _ in hand}
+    for path, kind, numel in hand:
+        row = by_name[(path, kind)]
+        weight_tensor = "bias" if path.endswith(".bias") else "kernel"
+        assert row["tensor"] == ("act" if kind == "activation" else weight_tensor)
+        assert row["numel"] == numel == math.prod(row["shape"])
+        assert row["bits"] == mixed_bits(path, kind)
+        assert row["kb"] == pytest.approx(numel * mixed_bits(path, kind) / KB, rel=1e-6)
+        assert isinstance(row["bits"], float) and isinstance(row["kb"], float)
+    # forward order: each conv before its activation, the head last
+    paths = [r["path"] for r in layers]
+    assert paths[:2] == ["stem", "stem_act"] and paths[-2:] == ["head", "head"]
+    assert paths.index("stages.1.0.conv1") < paths.index("stages.1.0.act1")
+    quantizers = {r["path"]: r["quantizer"] for r in layers}
+    assert quantizers["stem"] == "uniform fixed 8b" and quantizers["stages.2.2.act1"] == "float"
