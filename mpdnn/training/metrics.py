@@ -1,8 +1,8 @@
 """Where a run's numbers go: JSON lines, TensorBoard and a progress bar (process 0 only).
 
 ``metrics.jsonl`` is the record of truth (one JSON object per line, appended and flushed,
-so a crash loses nothing written); TensorBoard (``tensorboardX``, optional) and the
-progress bar (``tqdm``, optional; a plain line per update without it) are views of it.
+so a crash loses nothing written); TensorBoard (``tensorboardX``) and the progress
+bar (``tqdm``) are views of it.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import math
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
+
+from mpdnn.training.rundir import RunDir
 
 
 def _plain(value: Any) -> Any:
@@ -30,25 +31,23 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends records to ``<workdir>/metrics.jsonl`` and scalars to TensorBoard.
+    """Appends records to a run's ``metrics.jsonl`` and scalars to its TensorBoard events
+    (:class:`~mpdnn.training.rundir.RunDir` says where).
 
     ``enabled=False`` (every process but 0) makes every method a no-op.
     """
 
-    def __init__(self, workdir: Path, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run: RunDir, *, enabled: bool = True, tensorboard: bool = True):
+        from tensorboardX import SummaryWriter
+
         self.enabled = enabled
         self._tb = None
         if not enabled:
             return
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(workdir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        run.path.mkdir(parents=True, exist_ok=True)
+        self._file = open(run.metrics_file, "a", buffering=1)  # noqa: SIM115
         if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            self._tb = SummaryWriter(str(run.tensorboard))
 
     def write(self, kind: str, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -70,7 +69,7 @@ class MetricsWriter:
 
 
 class Progress:
-    """A progress bar over training steps with rate and ETA (``tqdm`` when installed)."""
+    """A ``tqdm`` progress bar over training steps, with rate and ETA."""
 
     def __init__(self, total: int, initial: int, *, enabled: bool, desc: str, bar: bool = True):
         """``enabled=False``: silent (processes other than 0); ``bar=False``: no bar, but
@@ -80,15 +79,10 @@ class Progress:
         self._bar = None
         self._total = total
         self._step = initial
-        self._start = time.perf_counter()
-        self._initial = initial
-        self._last_print = 0.0
         if not (enabled and bar):
             return
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return
+        from tqdm import tqdm
+
         self._bar = tqdm(
             total=total,
             initial=initial,
@@ -103,20 +97,8 @@ class Progress:
         if not (self.enabled and self.show_bar):
             return
         text = " ".join(f"{k}={v:.4g}" for k, v in postfix.items())
-        if self._bar is not None:
-            self._bar.update(step - self._step)
-            self._bar.set_postfix_str(text, refresh=False)
-        else:
-            now = time.perf_counter()
-            if now - self._last_print >= 10 or step == self._total:
-                rate = (step - self._initial) / max(now - self._start, 1e-9)
-                eta = (self._total - step) / rate if rate > 0 else float("inf")
-                print(
-                    f"step {step}/{self._total} {rate:.1f} step/s eta {eta:.0f}s {text}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                self._last_print = now
+        self._bar.update(step - self._step)
+        self._bar.set_postfix_str(text, refresh=False)
         self._step = step
 
     def write(self, line: str) -> None:

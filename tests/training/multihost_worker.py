@@ -96,8 +96,11 @@ def main(argv: list[str]) -> None:
     import numpy as np
     from flax import nnx
 
-    model = trainer.build_model(config, trainer.load_data(config), workdir)
-    trainer.load_final_model(model, workdir)
+    from mpdnn.training import setup
+    from mpdnn.training.rundir import RunDir
+
+    model = setup.build_model(config, setup.load_data(config), workdir)
+    setup.restore_model(model, RunDir(workdir).final)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     record |= {"process_count": jax.process_count(), "device_count": jax.device_count()}
     (args.out / f"result-{args.process_id}.json").write_text(json.dumps(record) + "\n")

@@ -18,15 +18,10 @@ from mpdnn import optim
 from mpdnn.optim.accounting import leaves_by_path
 from mpdnn.training import config as cfg
 from mpdnn.training.checkpoint import Checkpointer
-from mpdnn.training.trainer import (
-    Diagnostics,
-    Recalibrator,
-    build_model,
-    load_data,
-    make_optimizer,
-    recalibration_graphdef,
-    train_and_evaluate,
-)
+from mpdnn.training.evaluation import Diagnostics
+from mpdnn.training.setup import build_model, load_data, make_optimizer
+from mpdnn.training.steps import Recalibrator, recalibration_graphdef
+from mpdnn.training.trainer import train_and_evaluate
 from tests.training.test_trainer import tiny_config
 
 

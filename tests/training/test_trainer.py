@@ -116,7 +116,7 @@ def test_outputs_and_verdicts(tmp_path):
         ("quant.weights.parametrization", "b_x", "parametrization='b_x' is unknown"),
         ("quant.weights.d_range", (1.0, 0.1), "d_range is inverted"),
         ("budget.weight_kb", 0.0, "must be > 0 KB"),
-        ("budget.weight_kb", 0.01, "below the smallest model possible"),
+        ("budget.weight_kb", 0.01, "weight_kb ≤ 0.01 KB cannot be met"),
         ("data.dir", "/nonexistent/cifar.tar.gz", "/nonexistent/cifar.tar.gz"),
     ],
 )
@@ -151,7 +151,7 @@ def test_budget_below_minimum_prints_the_minimum(tmp_path):
     expected_kb = numel * 2 / 8192
     assert optim.Accounting.from_model(model).min_sizes()["weight_kb"] == pytest.approx(expected_kb)
     config.budget.weight_kb = expected_kb * 0.9
-    with pytest.raises(cfg.ConfigError, match=f"{expected_kb:.3f} KB"):
+    with pytest.raises(cfg.ConfigError, match=f"weight_kb = {expected_kb:.4f} KB"):
         train_and_evaluate(config, tmp_path)
 
 
