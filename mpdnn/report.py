@@ -1,224 +1,186 @@
 """``python -m mpdnn.report``: per-layer bits and memory of a quantized network (docs/method.md §5).
 
-Builds a model from :data:`mpdnn.models.MODELS`, quantizes it by rules and prints what
-:func:`mpdnn.optim.memory` counts: one row per weight tensor (conv/linear kernel and bias) and
-per activation site, in forward order, then the totals::
+    python -m mpdnn.report --config experiments/<name>.py[:arg] [--config.key=value ...] [--json]
+    python -m mpdnn.report --workdir RUN [--json]
 
-    python -m mpdnn.report --model resnet20 --weight_bits 2 --act_bits 4 [--json]
+``--config`` takes a training config exactly as ``python -m mpdnn.train`` does (a file,
+optionally with ``:arg``, and ``--config.<key>=value`` overrides). The report builds the
+model that config trains (``model.*``, with the input shape and class count of
+``data.name``), quantizes it by the config's rules (``quant.layer_rules`` first, then
+``quant.weights`` and ``quant.activations``: :func:`mpdnn.training.config.rules`) and prints
+what :meth:`mpdnn.optim.MemoryReport.to_json` gives: one row per weight tensor (conv/linear
+kernel and bias) and per activation site, in forward order, then the totals. These are the
+bits of the **initial** quantizers of a freshly initialised float network: the weights of
+``init.from_workdir`` / ``init.torchvision`` are not loaded. A config with variants names
+the one to report with ``--config.run_variants=NAME``. Learned quantizers that do not start
+at the bits their rule asks for (P3 above 5 bits for weights, 6 for activations: the qmin box
+clips the start, :mod:`mpdnn.quantizers.init`) are named in a note.
 
-Rules, first match wins (:func:`mpdnn.nn.quantize_model`):
+``--workdir RUN`` prints instead the model a finished run of ``python -m mpdnn.train``
+delivered (``RUN/report.json``: the best evaluation that met every budget, or the final
+model), with its test error and budget verdicts.
 
-* ``--fixed REGEX=BITS`` (repeatable): weight and activation sites whose path fully matches
-  REGEX get a fixed quantizer (``mode="fixed"``, b = BITS, range from init, not trained);
-* ``--weight_bits W``: every other conv/linear weight gets a learned quantizer (U3, or P3
-  with ``--family pow2``) initialised at W bits from the float weights (docs/method.md §4);
-* ``--act_bits A``: every other activation site gets a learned quantizer started at A bits.
-
-A kind whose flag is omitted stays float (32 bits in the accounting). Accepted bits are
-the authors' boxes (docs/method.md §2): weights 2–8 (a signed grid needs a sign bit and one level),
-activations 1–8, ``--fixed`` 2–8 (it applies to both kinds). P3 quantizers asked for more
-than 5 bits (weights) or 6 bits (activations) start with fewer, because the qmin box clips
-the start (:mod:`mpdnn.quantizers.init`); the report shows the bits the quantizers really
-have and says so in a note.
-
-Without ``--workdir`` the bits are those of the **initial** quantizers of a freshly built
-float network. ``--workdir RUN`` prints instead the model a finished run of
-``python -m mpdnn.train`` delivered (``RUN/report.json``: the best evaluation that met every
-budget, or the final model without budgets), with its test error and budget verdicts.
-Units (docs/method.md §5): 1 KB = 1024 bytes, 1 MB = 2**20 bytes; activation memory is per sample.
-Bad input prints one line on stderr and exits with status 2. :func:`report` gives the same
-numbers as a JSON-able dict for other tools (:func:`mpdnn.plots.plot_bitwidths`).
-
-    python -m mpdnn.report --workdir runs/digits/learned [--json]
+Units (docs/method.md §5): 1 KB = 1024 bytes, 1 MB = 2**20 bytes; activation memory is per
+sample. Bad input prints one line on stderr and exits with status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 from flax import nnx
 
-from mpdnn.cli import OneLineParser
-from mpdnn.models import MODELS, build
-from mpdnn.nn import QuantConfig, Rule, quantize_model
+from mpdnn.nn import Rule
 from mpdnn.optim import memory
 
-#: Accepted initial/fixed bits per site kind (the authors' b boxes, docs/method.md §2).
-WEIGHT_BITS = (2, 8)
-ACT_BITS = (1, 8)
-FIXED_BITS = (2, 8)
-MB_PER_KB = 1.0 / 1024.0
-
-
-def _bits_type(kind: str, bounds: tuple[int, int]):
-    """argparse type: an integer number of bits within ``bounds``."""
-    lo, hi = bounds
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{kind} bits must be an integer, got {text!r}"
-            ) from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(
-                f"{kind} bits must be in [{lo}, {hi}] (the authors' box), got {value}"
-            )
-        return value
-
-    return parse
-
-
-def _fixed_rule(text: str) -> tuple[str, int]:
-    """argparse type for ``--fixed REGEX=BITS``."""
-    pattern, sep, bits = text.rpartition("=")
-    if not sep or not pattern:
-        raise argparse.ArgumentTypeError(f"expected REGEX=BITS, got {text!r}")
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise argparse.ArgumentTypeError(f"{pattern!r} is not a regex: {err}") from None
-    return pattern, _bits_type("--fixed", FIXED_BITS)(bits)
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model and rule flags, shared with ``scripts/plot_bitwidths.py``."""
-    parser.add_argument(
-        "--model", default="resnet20", help=f"one of {sorted(MODELS)} (default resnet20)"
-    )
-    parser.add_argument(
-        "--weight_bits",
-        type=_bits_type("weight", WEIGHT_BITS),
-        default=None,
-        help=f"learned weight quantizers starting at this many bits, {WEIGHT_BITS[0]}-"
-        f"{WEIGHT_BITS[1]} (default: float)",
-    )
-    parser.add_argument(
-        "--act_bits",
-        type=_bits_type("activation", ACT_BITS),
-        default=None,
-        help=f"learned activation quantizers starting at this many bits, {ACT_BITS[0]}-"
-        f"{ACT_BITS[1]} (default: float)",
-    )
-    parser.add_argument(
-        "--family",
-        choices=("uniform", "pow2"),
-        default="uniform",
-        help="quantizer family: uniform (U3) or pow2 (P3) (default uniform)",
-    )
-    parser.add_argument(
-        "--fixed",
-        type=_fixed_rule,
-        action="append",
-        default=[],
-        metavar="REGEX=BITS",
-        help="sites whose path fully matches REGEX get fixed BITS-bit quantizers (weights "
-        "and activations; before the other rules; repeatable)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="model init seed (default 0)")
-
-
-def rules_from_args(args: argparse.Namespace) -> list[Rule]:
-    """The rules the flags describe, in priority order."""
-    rules = [
-        Rule(pattern, QuantConfig(mode="fixed", family=args.family, bits=bits))
-        for pattern, bits in args.fixed
-    ]
-    if args.weight_bits is not None:
-        config = QuantConfig(family=args.family, bits=args.weight_bits)
-        rules.append(Rule(".*", config, kind="weight"))
-    if args.act_bits is not None:
-        config = QuantConfig(family=args.family, bits=args.act_bits)
-        rules.append(Rule(".*", config, kind="activation"))
-    return rules
-
-
-def describe_rules(args: argparse.Namespace) -> list[str]:
-    """One human line per rule, for reports and plot titles."""
-    name = "U3" if args.family == "uniform" else "P3"
-    out = [f"{p}: fixed {b} b ({args.family})" for p, b in args.fixed]
-    for kind, bits in (("weights", args.weight_bits), ("activations", args.act_bits)):
-        out.append(f"other {kind}: " + (f"{name} learned, init {bits} b" if bits else "float"))
-    return out
+PROG = "mpdnn.report"
 
 
 def report(model: nnx.Module, *, name: str | None = None) -> dict[str, Any]:
-    """Per-tensor bits and memory of ``model`` and the docs/method.md §5 totals, as plain JSON
-    values.
+    """``memory(model).to_json(name)``; kept for the trainer until it calls that itself."""
+    return memory(model).to_json(name)
 
-    Keys: ``model`` (``name`` or the class name), ``input_shape``, ``num_weights``,
-    ``num_activations``, ``num_activation_tensors``, ``weight_kb``, ``weight_mb``,
-    ``act_max_kb``, ``act_sum_kb``, ``units`` and ``layers``: one dict per counted tensor in
-    forward order with ``index``, ``path``, ``kind`` (``weight``/``activation``), ``tensor``
-    (``kernel``/``bias``/``act``), ``shape``, ``numel``, ``quantizer``, ``bits``, ``kb``.
-    Every number is a plain ``int`` or ``float`` (``json.dumps`` takes the dict as is).
-    """
-    mem = memory(model)
-    rows = mem.rows  # forward order: the model records it when built
-    layers = [
-        {
-            "index": i,
-            "path": r.path,
-            "kind": r.kind,
-            "tensor": r.tensor,
-            "shape": [int(n) for n in r.shape],
-            "numel": int(r.numel),
-            "quantizer": r.quantizer,
-            "bits": float(r.bits),
-            "kb": float(r.kb),
-        }
-        for i, r in enumerate(rows)
-    ]
-    totals = mem.totals()
-    input_shape = getattr(model, "input_shape", None)
-    return {
-        "model": name or type(model).__name__,
-        "input_shape": None if input_shape is None else [int(n) for n in input_shape],
-        "num_weights": int(totals["num_weights"]),
-        "num_activations": int(totals["num_activations"]),
-        "num_activation_tensors": sum(r.kind == "activation" for r in rows),
-        "weight_kb": totals["weight_kb"],
-        "weight_mb": totals["weight_kb"] * MB_PER_KB,
-        "act_max_kb": totals["act_max_kb"],
-        "act_sum_kb": totals["act_sum_kb"],
-        "units": "1 KB = 1024 bytes, 1 MB = 2**20 bytes; activations per sample",
-        "layers": layers,
+
+# ----------------------------------------------------------------------------- a config
+
+
+def data_shape(config):
+    """The :class:`~mpdnn.training.setup.DataShape` of ``data.name`` (input shape and class
+    count), without loading the data."""
+    from mpdnn.training.setup import DataShape
+
+    d = config.data
+    size = int(d.get("image_size", 224))
+    shapes = {
+        "cifar10": ((32, 32, 3), 10),
+        "digits": ((8, 8, 1), 10),
+        "synthetic": (tuple(d.get("synthetic_shape", (32, 32, 3))), d.get("synthetic_classes", 10)),
+        "imagenet": ((size, size, 3), 1000),
     }
+    shape, classes = shapes[d.name]  # cfg.check has rejected any other name
+    if d.get("stream"):  # streamed with ImageNet preprocessing: crops of image_size
+        shape = (size, size, shape[-1])
+    return DataShape(tuple(int(n) for n in shape), int(classes))
 
 
-def build_report(args: argparse.Namespace) -> dict[str, Any]:
-    """Build and quantize the model the flags describe and :func:`report` it."""
-    model = build(args.model, rngs=nnx.Rngs(args.seed))
-    quantize_model(model, rules_from_args(args))
-    record = report(model, name=args.model)
-    record["rules"] = describe_rules(args)
-    record["seed"] = args.seed
+def config_model(config) -> nnx.Module:
+    """The model ``config`` trains, freshly initialised (``config.seed``) and quantized by
+    its rules, built as the trainer builds it (:func:`mpdnn.training.setup.build_model`);
+    the weights of ``init.*`` are not loaded."""
+    import ml_collections
+
+    from mpdnn.training.setup import build_model
+
+    run = ml_collections.ConfigDict(config.to_dict())
+    run.init.from_workdir = None
+    if "torchvision" in run.init:
+        run.init.torchvision = None
+    return build_model(run, data_shape(run), Path("."))
+
+
+def _single_run(config):
+    """The one run of ``config`` (a config with variants must name one)."""
+    from mpdnn.training import config as cfg
+
+    runs = cfg.variants(config)
+    if len(runs) > 1:
+        raise cfg.ConfigError(
+            f"the config has variants {', '.join(runs)}: name the one to report with "
+            "--config.run_variants=NAME"
+        )
+    (run,) = runs.values()
+    cfg.check(run)
+    return run
+
+
+def describe_rule(rule: Rule) -> str:
+    """One human line for a rule, for reports and plot titles."""
+    q = rule.config
+    kinds = {"weight": "weights", "activation": "activations", None: "all sites"}[rule.kind]
+    if q.mode == "float":
+        how = "float"
+    elif q.mode == "learned":
+        spec = q.spec(rule.kind or "weight", signed=rule.kind != "activation")
+        how = f"{q.family} {spec.parametrization} learned, init {q.bits} b"
+    else:
+        how = f"{q.family} {q.mode} {q.bits} b"
+    return f"{kinds} matching {rule.pattern}: {how}"
+
+
+def _start_mismatches(record: dict[str, Any], rules: Sequence[Rule]) -> list[str]:
+    """Learned quantizers that do not start at their rule's bits (the init boxes clip)."""
+    got: dict[tuple[str, int], set[float]] = {}
+    for r in record["layers"]:
+        rule = next((u for u in rules if u.matches(r["path"], r["kind"])), None)
+        if rule is not None and rule.config.mode == "learned" and r["bits"] != rule.config.bits:
+            got.setdefault((r["kind"], rule.config.bits), set()).add(r["bits"])
+    return [
+        f"{kind} quantizers asked to start at {bits} b start at "
+        f"{', '.join(f'{b:g}' for b in sorted(values))} b (init boxes clip the start)"
+        for (kind, bits), values in sorted(got.items())
+    ]
+
+
+def config_report(config) -> dict[str, Any]:
+    """The report of the model ``config`` trains, at its initial quantizers: the JSON of
+    :meth:`~mpdnn.optim.MemoryReport.to_json` with ``config`` (its name), ``dataset``,
+    ``rules`` (one line each), ``seed``, ``trained`` (False) and ``notes``.
+
+    Raises :class:`mpdnn.training.config.ConfigError` (one line) for a bad config.
+    """
+    from mpdnn.training import config as cfg
+
+    run = _single_run(config)
+    rules = cfg.rules(run)
+    record = memory(config_model(run)).to_json(run.model.name)
+    record["config"] = run.name
+    record["dataset"] = run.data.name
+    record["rules"] = [describe_rule(r) for r in rules] + ["every other site: float"]
+    record["seed"] = int(run.seed)
     record["trained"] = False
-    record["notes"] = _start_mismatches(record, args)
+    record["notes"] = _start_mismatches(record, rules)
     return record
 
 
-def _start_mismatches(record: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    """Learned quantizers that do not start at the asked bits (P3 above 5-6 bits)."""
-    asked = {"weight": args.weight_bits, "activation": args.act_bits}
-    notes = []
-    for kind, bits in asked.items():
-        learned = [
-            r for r in record["layers"] if r["kind"] == kind and "fixed" not in r["quantizer"]
-        ]
-        got = sorted({r["bits"] for r in learned if r["quantizer"] != "float"})
-        if bits is not None and got and got != [float(bits)]:
-            notes.append(
-                f"{kind} quantizers asked to start at {bits} b start at "
-                f"{', '.join(f'{b:g}' for b in got)} b (init boxes clip the start)"
-            )
-    return notes
+# ----------------------------------------------------------------------------- a finished run
+
+
+def trained_report(workdir: Path) -> dict[str, Any]:
+    """The delivered model's report of a finished run, with its summary as ``run``."""
+    from mpdnn.training.rundir import RunDir
+
+    run = RunDir(workdir)
+    record = run.read_report()
+    if record is None:
+        _usage_error(
+            f"no report.json in {workdir}: not a finished run of python -m mpdnn.train (a "
+            "running one logs its evaluations in metrics.jsonl)"
+        )
+    record["run"] = run.read_summary() or {}
+    return record
+
+
+def _run_header(workdir: Path, run: dict[str, Any]) -> list[str]:
+    line = f"{workdir}: {run.get('name', '?')}, delivered model: {run.get('delivered') or 'none'}"
+    if run.get("delivered_test_error") is not None:
+        line += f", test error {run['delivered_test_error']:.4f}"
+    if run.get("final_test_error") is not None:
+        line += f" (final epoch {run['final_test_error']:.4f})"
+    lines = [line]
+    for name, v in (run.get("verdicts") or {}).items():
+        delivered = v["delivered_kb"]
+        lines.append(
+            f"budget {name} <= {v['limit_kb']:g} KB: "
+            + ("NOT MET by any evaluation" if delivered is None else f"met at {delivered:.3f} KB")
+        )
+    return lines
+
+
+# ----------------------------------------------------------------------------- output
 
 
 def format_table(record: dict[str, Any]) -> str:
@@ -251,64 +213,99 @@ def format_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python -m mpdnn.report", description=__doc__.split("\n\n")[0])
-    add_model_arguments(parser)
-    parser.add_argument(
-        "--workdir",
-        type=Path,
+# ----------------------------------------------------------------------------- flags
+
+
+def _one_line(err: BaseException) -> str:
+    """The last non-empty line of an error's text: absl and ml_collections wrap config
+    loading errors in tracebacks; the line that matters comes last."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _key(err: BaseException) -> str:
+    """The key a ``KeyError`` / ``AttributeError`` names (their text is a repr)."""
+    text = _one_line(err)
+    for junk in ("\\n", "\\", "'", '"'):
+        text = text.replace(junk, " ")
+    return " ".join(text.split())
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(f"{PROG}: error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+class Flags(NamedTuple):
+    config: Any  # an ml_collections.ConfigDict, or None
+    workdir: Path | None
+    json: bool
+
+
+def parse_flags(argv: Sequence[str]) -> Flags:
+    """``argv`` (without the program name) parsed by absl's flags, as ``python -m
+    mpdnn.train`` parses its own, into a fresh ``FlagValues`` (so that the trainer's global
+    flags and repeated calls in one process do not collide). Bad input: one line, exit 2."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = [PROG, *argv]
+    values = flags.FlagValues()
+    config = config_flags.DEFINE_config_file(
+        "config",
         default=None,
-        help="a finished training run: report the model it delivered (instead of a fresh one)",
+        help_string="training config file, optionally with ':arg', and --config.<key>=value "
+        "overrides (as python -m mpdnn.train takes them)",
+        flag_values=values,
+        lock_config=True,
+        sys_argv=argv,
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
-    args = parser.parse_args(argv)
-    if args.workdir is not None:
-        if args.weight_bits is not None or args.act_bits is not None or args.fixed:
-            parser.error("--workdir reports a trained run; the bit flags describe a fresh model")
-        if not (args.workdir / "report.json").is_file():
-            parser.error(
-                f"no report.json in {args.workdir}: not a finished run of python -m "
-                "mpdnn.train (a running one logs its evaluations in metrics.jsonl)"
-            )
-        return args
-    check_model(parser, args.model)
-    return args
-
-
-def trained_report(workdir: Path) -> dict[str, Any]:
-    """The delivered model's report of a finished run, with its summary as ``run``."""
-    record = json.loads((workdir / "report.json").read_text())
-    summary_path = workdir / "summary.json"
-    record["run"] = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return record
-
-
-def _run_header(workdir: Path, run: dict[str, Any]) -> list[str]:
-    line = f"{workdir}: {run.get('name', '?')}, delivered model: {run.get('delivered') or 'none'}"
-    if run.get("delivered_test_error") is not None:
-        line += f", test error {run['delivered_test_error']:.4f}"
-    if run.get("final_test_error") is not None:
-        line += f" (final epoch {run['final_test_error']:.4f})"
-    lines = [line]
-    for name, v in (run.get("verdicts") or {}).items():
-        delivered = v["delivered_kb"]
-        lines.append(
-            f"budget {name} <= {v['limit_kb']:g} KB: "
-            + ("NOT MET by any evaluation" if delivered is None else f"met at {delivered:.3f} KB")
+    workdir = flags.DEFINE_string(
+        "workdir",
+        None,
+        "a finished training run: report the model it delivered (instead of a config's)",
+        flag_values=values,
+    )
+    as_json = flags.DEFINE_bool("json", False, "print one JSON object instead", flag_values=values)
+    if any(a in ("-h", "--help", "-help") for a in argv[1:]):
+        print(__doc__)
+        print(values.get_help())
+        sys.exit(0)
+    try:
+        rest = values(argv)
+        loaded = config.value
+        if loaded is not None:
+            loaded.to_dict()  # ml_collections loads lazily: fail here
+    except flags.Error as err:
+        _usage_error(_one_line(err))
+    except (AttributeError, KeyError) as err:
+        if any(a.startswith(("--config.", "-config.")) for a in argv):
+            _usage_error(f"bad --config override: no key {_key(err)}")
+        _usage_error(f"cannot load the config: {_key(err)}")
+    except (OSError, TypeError, ValueError) as err:
+        _usage_error(f"cannot load the config: {_one_line(err)}")
+    if len(rest) > 1:
+        _usage_error(f"unexpected arguments {' '.join(rest[1:])!r}")
+    path = None if workdir.value is None else Path(workdir.value)
+    if loaded is not None and path is not None:
+        _usage_error(
+            "--config describes a fresh model, --workdir a finished run's delivered one: "
+            "give one of them"
         )
-    return lines
-
-
-def check_model(parser: argparse.ArgumentParser, name: str) -> None:
-    """One-line error for a model name not in :data:`mpdnn.models.MODELS`."""
-    if name not in MODELS:
-        parser.error(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    if loaded is None and path is None:
+        _usage_error("give --config CONFIG or --workdir RUN")
+    return Flags(loaded, path, as_json.value)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parse_flags(sys.argv[1:] if argv is None else argv)
     if args.workdir is not None:
-        record = trained_report(args.workdir)
+        from mpdnn.training.rundir import RunDirError
+
+        try:
+            record = trained_report(args.workdir)
+        except RunDirError as err:
+            _usage_error(str(err))
         if args.json:
             print(json.dumps(record, allow_nan=False))
             return
@@ -316,11 +313,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         print()
         print(format_table(record))
         return
-    record = build_report(args)
+    from mpdnn.training.config import ConfigError
+
+    try:
+        record = config_report(args.config)
+    except ConfigError as err:
+        _usage_error(str(err))
     if args.json:
         print(json.dumps(record, allow_nan=False))
         return
-    print(f"{args.model}, input {record['input_shape']}: " + "; ".join(record["rules"]))
+    print(
+        f"{record['config']}: {record['model']} on {record['dataset']}, input "
+        f"{record['input_shape']}: " + "; ".join(record["rules"])
+    )
     print("(initial quantizers of an untrained float network; --workdir RUN reports a trained one)")
     for note in record["notes"]:
         print(f"note: {note}")
