@@ -28,19 +28,18 @@ from mpdnn.cli import OneLineParser
 from mpdnn.export.codec import ExportError
 from mpdnn.export.mpq import export_model, load
 from mpdnn.export.reference import _Reference, compare
-from mpdnn.export.run import _read_json, load_run
+from mpdnn.export.run import load_run
 
 
 def _verify(workdir: Path, model: nnx.Module, out: Path, count: int) -> dict[str, Any]:
     """:func:`compare` on the first ``count`` test images of the run's own dataset."""
-    import ml_collections
-
     from mpdnn.data import normalize
+    from mpdnn.training.rundir import RunDir
     from mpdnn.training.trainer import load_data
 
     exported = load(out)
     _Reference(exported, fused_multiply_add=True)  # an unsupported model: say so first
-    config = ml_collections.ConfigDict(_read_json(workdir / "config.json", "run config"))
+    config = RunDir(workdir).read_config()
     dataset = load_data(config)
     images = dataset.test_images[:count]
     x = np.asarray(normalize(images, dataset.pixel_scale, dataset.pixel_offset), np.float32)

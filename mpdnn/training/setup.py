@@ -160,9 +160,18 @@ def run_data_shape(run: RunDir, summary: dict[str, Any]) -> DataShape:
     return DataShape(tuple(report["input_shape"]), int(kernels[-1]["shape"][-1]))
 
 
-def load_run_model(run: RunDir | str | Path) -> tuple[nnx.Module, dict[str, Any], Path]:
-    """The delivered model of a completed run (in eval mode), its summary and the
-    checkpoint directory it came from.
+class LoadedRun(NamedTuple):
+    """A completed run's delivered model (eval mode) and where it came from."""
+
+    model: nnx.Module
+    config: ml_collections.ConfigDict
+    summary: dict[str, Any]
+    checkpoint: Path  # best/ or final/
+    step: int
+
+
+def load_run_model(run: RunDir | str | Path) -> LoadedRun:
+    """The delivered model of a completed run, rebuilt and restored.
 
     The model is rebuilt from ``config.json`` by :func:`build_model`, with nothing loaded
     from elsewhere (``init.*`` cleared: the checkpoint holds every parameter), and restored
@@ -174,16 +183,17 @@ def load_run_model(run: RunDir | str | Path) -> tuple[nnx.Module, dict[str, Any]
     directory = run.delivered_checkpoint()
     summary = run.read_summary()
     shape = run_data_shape(run, summary)
-    config.init.from_workdir = None
-    if "torchvision" in config.init:
-        config.init.torchvision = None
+    built = ml_collections.ConfigDict(config.to_dict())
+    built.init.from_workdir = None
+    if "torchvision" in built.init:
+        built.init.torchvision = None
     try:
-        model = build_model(config, shape, run.path)
+        model = build_model(built, shape, run.path)
     except cfg.ConfigError as err:
         raise RunDirError(f"{run.config_file}: {err}") from None
-    restore_model(model, directory)
+    step = restore_model(model, directory)
     model.eval()
-    return model, summary, directory
+    return LoadedRun(model, config, summary, directory, step)
 
 
 def budget_terms(

@@ -40,7 +40,6 @@ from jax.sharding import PartitionSpec as P
 
 from mpdnn import optim
 from mpdnn.provenance import provenance
-from mpdnn.report import report
 from mpdnn.training import config as cfg
 from mpdnn.training.checkpoint import Checkpointer
 from mpdnn.training.evaluation import Diagnostics, Evaluator, Inspector, Split, frozen_at
@@ -333,10 +332,9 @@ def _train_and_evaluate(config, run: RunDir, should_stop, command: str) -> RunRe
         if feasible:
             delivered = _restore(run.best, state)
     # With budgets and no feasible model the report shows the final (over-budget) model.
-    layer_report = report(
-        nnx.merge(graphdef, *local((delivered["params"], delivered["rest"]))),
-        name=config.model.name,
-    )
+    layer_report = optim.memory(
+        nnx.merge(graphdef, *local((delivered["params"], delivered["rest"])))
+    ).to_json(name=config.model.name)
     delivered_sizes = inspect.sizes(delivered["params"])
     authors = meta.get("authors") if (config.train.eval_feasible_every or not validation) else None
     result = RunResult(

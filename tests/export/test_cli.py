@@ -61,11 +61,14 @@ def fake_small_cnn_run(workdir):
     config.budget.weight_kb = None
     workdir.mkdir()
     (workdir / "config.json").write_text(config.to_json())
-    model = build_model(config, load_data(config), workdir)
+    data = load_data(config)
+    model = build_model(config, data, workdir)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     with Checkpointer(workdir / "final", max_to_keep=1, async_save=False) as ckpt:
         ckpt.save(0, {"params": params, "rest": rest}, force=True)
-    (workdir / "summary.json").write_text(json.dumps({"delivered": "final", "budgets": {}}))
+    summary = {"status": "completed", "delivered": "final", "budgets": {}}
+    summary |= {"input_shape": list(data.image_shape), "num_classes": data.num_classes}
+    (workdir / "summary.json").write_text(json.dumps(summary))
     return workdir
 
 
