@@ -194,12 +194,12 @@ def write_table(workdir: Path, config, results: dict, table: str) -> None:
     """``table.md`` (the printed table with its command and provenance) and ``table.json``
     (every run's summary) in ``workdir``: what a ``results/`` entry is made from."""
     import dataclasses
-    import json
     import time
 
     import jax
 
     from mpdnn.provenance import provenance
+    from mpdnn.training.rundir import RunDir
 
     if jax.process_index() != 0:
         return
@@ -216,15 +216,14 @@ def write_table(workdir: Path, config, results: dict, table: str) -> None:
         }
         runs[name or config.name] = record
     record = {"experiment": config.name, "provenance": prov, "runs": runs}
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "table.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
     date = time.strftime("%Y-%m-%d", time.gmtime())
-    (workdir / "table.md").write_text(
+    RunDir(workdir).write_table(
+        record,
         f"# {config.name}\n\n```\n{table}\n```\n\n"
         f"- command: `{command_line}`\n- commit: `{prov['git_commit']}`"
         f"{' (with uncommitted changes)' if prov['uncommitted'] else ''}\n"
         f"- machine: {prov['machine']}, {prov['cpus']} CPUs; devices: {prov['device_kind']}\n"
-        f"- date: {date}; wall time {wall:.0f} s (all runs); seed {config.seed}\n"
+        f"- date: {date}; wall time {wall:.0f} s (all runs); seed {config.seed}\n",
     )
 
 

@@ -15,33 +15,30 @@ JSON dict)::
 A save is written to ``<step>.orbax-checkpoint-tmp*`` and renamed into place when complete, so a
 crash mid-save leaves a directory orbax never lists. A finished checkpoint that cannot be read
 later (truncated or deleted files) is skipped by :meth:`Checkpointer.restore`, which falls back
-to the next older step with a warning.
+to the next older step with a warning (orbax does not).
+
+Logging goes through ``absl.logging``, as orbax's does: ``python -m mpdnn.train`` sets absl's
+verbosity to WARNING, which keeps orbax's INFO lines (dozens per save) off the terminal. A
+failed read may leave a few lines of orbax's own on stderr beside the one-line warning.
 """
 
 from __future__ import annotations
 
-import gc
 import json
-import logging
 import operator
 import os
-import sys
-import time
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 PyTree = Any
 
-_log = logging.getLogger(__name__)
-
 _STATE = "state"
 _METADATA = "metadata"
-_ORBAX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(ocp.__file__)))
 _REASON_CHARS = 240
 
 
@@ -72,7 +69,6 @@ class Checkpointer:
     ):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be positive or None, got {max_to_keep}")
-        _quiet_orbax_info()
         self.directory = os.path.abspath(os.fspath(directory))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
@@ -111,13 +107,13 @@ class Checkpointer:
             self.wait()
             for bad in sorted(self._unreadable):
                 if bad in self._manager.all_steps():
-                    _log.warning(
+                    logging.warning(
                         "deleting unreadable checkpoint at step %d in %s", bad, self.directory
                     )
                     self._manager.delete(bad)
             self._unreadable.clear()
         if step in self._manager.all_steps():
-            _log.debug("checkpoint at step %d in %s exists; not saving", step, self.directory)
+            logging.debug("checkpoint at step %d in %s exists; not saving", step, self.directory)
             return False
         args = ocp.args.Composite(
             **{_STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(payload)}
@@ -125,7 +121,7 @@ class Checkpointer:
         try:
             return bool(self._manager.save(step, args=args, force=force))
         except ocp.checkpoint_manager.StepAlreadyExistsError:
-            _log.debug("checkpoint at step %d in %s exists; not saving", step, self.directory)
+            logging.debug("checkpoint at step %d in %s exists; not saving", step, self.directory)
             return False
         except Exception as e:
             # A failed background save surfaces at the next save (orbax waits for it first).
@@ -190,7 +186,7 @@ class Checkpointer:
             except Exception as e:
                 error = e
                 if i + 1 < len(steps):
-                    _warn(
+                    logging.warning(
                         f"checkpoint at step {candidate} in {self.directory} is unreadable "
                         f"({_reason(e)}); falling back to step {steps[i + 1]}"
                     )
@@ -219,22 +215,11 @@ class Checkpointer:
         self.close()
 
     def _restore_step(self, step: int, target: PyTree) -> tuple[PyTree, dict]:
-        """One orbax restore of ``step``, without orbax's echoes of a read error."""
+        """One orbax restore of ``step``."""
         args = ocp.args.Composite(
             **{_STATE: ocp.args.StandardRestore(target), _METADATA: ocp.args.JsonRestore()}
         )
-        with _OrbaxReadEchoes() as echoes:
-            try:
-                restored = self._manager.restore(step, args=args)
-            except Exception as e:
-                # Release the failed reads' frames so that settle() can collect them.
-                error = _without_tracebacks(e)
-            else:
-                error = None
-            if error is not None:
-                echoes.settle()
-        if error is not None:
-            raise error
+        restored = self._manager.restore(step, args=args)
         metadata = restored[_METADATA]
         if not isinstance(metadata, dict):
             raise CheckpointError(f"metadata is {type(metadata).__name__}, not a JSON object")
@@ -280,118 +265,3 @@ def _reason(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
-
-
-def _warn(message: str) -> None:
-    """A warning both in the log and, as one line, on stderr (logging may not be set up)."""
-    _log.warning(message)
-    print(f"WARNING: {message}", file=sys.stderr, flush=True)
-
-
-def _without_tracebacks(error: BaseException) -> BaseException:
-    """``error`` with the tracebacks of it and its chained causes dropped (messages kept)."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        current.__traceback__ = None
-        pending += [current.__cause__, current.__context__, *getattr(current, "exceptions", ())]
-    return error
-
-
-def _is_orbax_echo(unraisable: Any) -> bool:
-    """Whether an unraisable exception is debris of orbax's abandoned reads."""
-    error = unraisable.exc_value
-    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-        return True
-    code = getattr(unraisable.object, "cr_code", None)  # a coroutine that was never awaited
-    if code is not None and code.co_filename.startswith(_ORBAX_DIR):
-        return True
-    tb = error.__traceback__ if error is not None else None
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename.startswith(_ORBAX_DIR):
-            return True
-        tb = tb.tb_next
-    return False
-
-
-class _OrbaxReadEchoes(logging.Filter):
-    """While active, drops the debris a failed orbax restore leaves behind.
-
-    When one array read fails, orbax abandons the others. As they are collected or complete,
-    each re-raises from a ``GeneratorExit`` handler ("Exception ignored in <coroutine>" and a
-    full TensorStore spec), calls back into orbax's closed event loop ("Event loop is
-    closed"), was never awaited at all, or leaves a future whose error asyncio logs ("...
-    exception was never retrieved"): dozens of lines for one error, which
-    :meth:`Checkpointer.restore` reports on one line.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dropped = 0
-
-    def __enter__(self) -> _OrbaxReadEchoes:
-        self._previous_hook = sys.unraisablehook
-        sys.unraisablehook = self._hook
-        logging.getLogger("asyncio").addFilter(self)
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.filterwarnings(
-            "ignore", message="coroutine .* was never awaited", category=RuntimeWarning
-        )
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._warnings.__exit__(*exc_info)
-        logging.getLogger("asyncio").removeFilter(self)
-        sys.unraisablehook = self._previous_hook
-
-    def settle(self, *, poll_s: float = 0.01, quiet_polls: int = 10, max_polls: int = 200) -> None:
-        """Collects the abandoned reads and waits (boundedly) until their echoes stop."""
-        gc.collect()
-        quiet = 0
-        for _ in range(max_polls):
-            before = self.dropped
-            time.sleep(poll_s)
-            quiet = quiet + 1 if self.dropped == before else 0
-            if quiet == quiet_polls:
-                break
-        gc.collect()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        # asyncio's message is "Task exception was never retrieved\nfuture: <Task ...>".
-        if record.getMessage().partition("\n")[0].endswith("exception was never retrieved"):
-            self.dropped += 1
-            return False
-        return True
-
-    def _hook(self, unraisable: Any) -> None:
-        if _is_orbax_echo(unraisable):
-            self.dropped += 1
-        else:
-            self._previous_hook(unraisable)
-
-
-class _OrbaxInfoFilter(logging.Filter):
-    """Drops orbax's records below WARNING (dozens of INFO lines per save under absl)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not record.pathname.startswith(_ORBAX_DIR)
-
-
-_ORBAX_INFO_FILTER = _OrbaxInfoFilter()
-
-
-def _quiet_orbax_info() -> None:
-    """Installs :data:`_ORBAX_INFO_FILTER` on absl's logger, through which orbax logs.
-
-    Once ``absl.app.run`` has parsed flags, absl logs INFO to stderr; orbax writes dozens of
-    INFO lines per save. Its warnings and errors still pass. To see the INFO lines again:
-    ``logging.getLogger("absl").removeFilter(checkpoint._ORBAX_INFO_FILTER)``.
-    """
-    absl_logger = logging.getLogger("absl")
-    if _ORBAX_INFO_FILTER not in absl_logger.filters:
-        absl_logger.addFilter(_ORBAX_INFO_FILTER)
