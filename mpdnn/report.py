@@ -40,11 +40,6 @@ from mpdnn.optim import memory
 PROG = "mpdnn.report"
 
 
-def report(model: nnx.Module, *, name: str | None = None) -> dict[str, Any]:
-    """``memory(model).to_json(name)``; kept for the trainer until it calls that itself."""
-    return memory(model).to_json(name)
-
-
 # ----------------------------------------------------------------------------- a config
 
 
