@@ -34,7 +34,7 @@ def plot_bitwidths(report: Mapping[str, Any], path: str | Path, title: str | Non
     """Per-layer weight and activation bits as bars, in forward order (paper Fig. 5 style).
 
     Args:
-      report: the dict of :meth:`mpdnn.optim.MemoryReport.to_json` (or its JSON): ``layers`` rows with
+      report: :meth:`mpdnn.optim.MemoryReport.to_json` (or its JSON): ``layers`` rows with
         ``path``, ``kind``, ``tensor``, ``quantizer``, ``bits``, ``kb``; the totals
         ``weight_kb``, ``act_max_kb``, ``act_sum_kb`` go into the subtitle.
       path: where the PNG goes (parent folders are created).
