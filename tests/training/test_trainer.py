@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -172,7 +173,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         assert ckpt.latest_step() == 4
 
 
-def test_corrupt_latest_checkpoint_falls_back(tmp_path, capfd):
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     config = tiny_config(checkpoint_every_epochs=1)
     config.train.epochs = 3
     stopped = train_and_evaluate(config, tmp_path, should_stop=lambda step: step >= 8)
@@ -184,10 +185,11 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, capfd):
     for f in latest.rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(b"garbage")
-    result = train_and_evaluate(config, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        result = train_and_evaluate(config, tmp_path)
     assert result.status == "completed" and result.step == 12
-    err = capfd.readouterr().err
-    assert "step 8" in err and "falling back to step 4" in err
+    warnings = " ".join(r.getMessage() for r in caplog.records)
+    assert "step 8" in warnings and "falling back to step 4" in warnings
 
 
 def test_a_workdir_in_use_is_refused(tmp_path):
