@@ -41,7 +41,8 @@ if str(REPO) not in sys.path:  # run as a file from anywhere: import this checko
 
 from mpdnn.cli import OneLineParser  # noqa: E402
 from mpdnn.configs import budget_study as study  # noqa: E402
-from mpdnn.training.trainer import read_metrics  # noqa: E402
+from mpdnn.optim import within_limits  # noqa: E402
+from mpdnn.training.rundir import RunDir  # noqa: E402
 
 EXPERIMENT = REPO / "experiments" / "budget_study.py"
 EXIT_INFEASIBLE = 3
@@ -64,8 +65,8 @@ DATA_CAVEAT = (
 
 def finished(workdir: Path) -> bool:
     try:
-        return json.loads((workdir / "summary.json").read_text()).get("status") == "completed"
-    except (OSError, ValueError):
+        return RunDir(workdir).finished()
+    except ValueError:  # an unreadable summary: not finished
         return False
 
 
@@ -211,10 +212,6 @@ def _schedule(pending, running, statuses, stopping, args, start) -> dict[str, st
 # ----------------------------------------------------------------------------- results
 
 
-def within(sizes: dict[str, float], budgets: dict[str, float]) -> bool:
-    return all(sizes[k] <= v for k, v in budgets.items())
-
-
 def study_budgets(arm: str) -> dict[str, float]:
     """The budgets an arm is judged against: the weight budget, and the act-max budget for
     the arms with quantized activations (baselines included: equal memory)."""
@@ -229,10 +226,12 @@ def study_budgets(arm: str) -> dict[str, float]:
 def seed_result(arm: str, workdir: Path) -> dict[str, Any] | None:
     """What one finished run contributes: final-model error and sizes, bits, selections."""
     try:
-        summary = json.loads((workdir / "summary.json").read_text())
-    except (OSError, ValueError):
+        summary = RunDir(workdir).read_summary()
+    except ValueError:
         return None
-    evals = read_metrics(workdir, "eval")
+    if summary is None:
+        return None
+    evals = RunDir(workdir).metrics("eval")
     last = evals[-1] if evals else {}
     sizes = summary["final_sizes"]
     within_steps = [r["within_budget"] * r["steps"] for r in evals if "within_budget" in r]
@@ -246,7 +245,7 @@ def seed_result(arm: str, workdir: Path) -> dict[str, Any] | None:
     act_bits = {k: v for k, v in last.get("bits", {}).items() if k.endswith(".act")}
     return {
         "final_test_error": summary["final_test_error"],
-        "feasible": within(sizes, study_budgets(arm)),
+        "feasible": within_limits(sizes, study_budgets(arm)),
         "weight_kb": sizes["weight_kb"],
         "act_max_kb": sizes["act_max_kb"],
         "weight_bits": weight_bits,

@@ -52,6 +52,7 @@ if str(REPO) not in sys.path:  # run as a file from anywhere: import this checko
 
 from mpdnn.cli import OneLineParser  # noqa: E402
 from mpdnn.configs.cifar10 import PARAMETRIZATIONS, ROWS, TABLE3, Row  # noqa: E402
+from mpdnn.training.rundir import RunDir  # noqa: E402
 
 EXPERIMENTS = REPO / "experiments" / "cifar10"
 EXIT_INFEASIBLE = 3
@@ -66,7 +67,7 @@ DATA_CAVEAT = (
 
 def priority(row: Row) -> tuple[int, int]:
     """The order rows run in when a table is asked for: the float net, then Table 3's uniform
-    column, Table 1's uniform rows, Table 3's pow2 column, Table 1's pow2 rows (issue 5)."""
+    column, Table 1's uniform rows, Table 3's pow2 column, Table 1's pow2 rows."""
     order = list(ROWS)
     if row.name == "float":
         return (0, 0)
@@ -94,12 +95,9 @@ def select(args) -> list[Row]:
 
 
 def finished(workdir: Path) -> bool:
-    summary = workdir / "summary.json"
-    if not summary.is_file():
-        return False
     try:
-        return json.loads(summary.read_text()).get("status") == "completed"
-    except (OSError, ValueError):
+        return RunDir(workdir).finished()
+    except ValueError:  # an unreadable summary: not finished
         return False
 
 
@@ -156,8 +154,11 @@ class Job:
             return "completed"
         if self.returncode == EXIT_INFEASIBLE:
             return "infeasible"
-        tail = self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
-        if "not finite" in tail:
+        try:
+            error = RunDir(self.workdir).error or ""
+        except ValueError:
+            error = ""
+        if "not finite" in error:  # the trainer's summary of a diverged run says so
             return "diverged"
         if self.returncode in (143, -15):
             return "stopped"
@@ -252,11 +253,7 @@ def throughput(workdir: Path, batch: int) -> dict[str, float] | None:
     records, evaluation and checkpoint time between calls included (they are part of a
     run's cost), but without the intervals that hold a compilation or a restart (a resumed
     run): those over 10x the median interval."""
-    path = workdir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train = [r for r in records if r.get("type") == "train"]
+    train = RunDir(workdir).metrics("train")
     pairs = [
         (b["step"] - a["step"], b["time"] - a["time"])
         for a, b in zip(train, train[1:], strict=False)
@@ -274,10 +271,7 @@ def throughput(workdir: Path, batch: int) -> dict[str, float] | None:
 
 def last_eval(workdir: Path) -> dict[str, Any] | None:
     """The last evaluation a (possibly unfinished) run logged."""
-    path = workdir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    evals = [json.loads(line) for line in path.read_text().splitlines() if '"type": "eval"' in line]
+    evals = RunDir(workdir).metrics("eval")
     if not evals:
         return None
     e = evals[-1]
@@ -287,11 +281,10 @@ def last_eval(workdir: Path) -> dict[str, Any] | None:
 
 def collect(row: Row, workdir: Path, results_dir: Path, args, status, wall, command) -> None:
     """Write ``results/cifar10[/reduced]/<row>.json`` from a run's outputs."""
-    summary_path = workdir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    config = json.loads((workdir / "config.json").read_text()) if workdir.is_dir() else {}
-    report_path = workdir / "report.json"
-    layers = json.loads(report_path.read_text())["layers"] if report_path.is_file() else []
+    run = RunDir(workdir)
+    summary = run.read_summary() or {}
+    config = run.read_config().to_dict() if run.config_file.is_file() else {}
+    layers = (run.read_report() or {}).get("layers", [])
     batch = config.get("train", {}).get("batch_size", 128)
     record: dict[str, Any] = {
         "row": row.name,
