@@ -6,8 +6,9 @@ penalty, Lagrangian, feasibility), ``stabilisers`` (the authors' clip and projec
 ``chain`` (the run's whole update).
 """
 
+from mpdnn.optim._base import OptionError
 from mpdnn.optim.accounting import Accounting, QuantizerInfo, Sizes
-from mpdnn.optim.chain import budget_chain
+from mpdnn.optim.chain import budget_chain, check_options
 from mpdnn.optim.constraints import (
     DUAL_LEARNING_RATE,
     Budget,
@@ -34,6 +35,7 @@ __all__ = [
     "LogSpaceState",
     "LayerMemory",
     "MemoryReport",
+    "OptionError",
     "QuantizerInfo",
     "Sizes",
     "budget_chain",
@@ -41,6 +43,7 @@ __all__ = [
     "budget_penalty",
     "budget_values",
     "check_feasible",
+    "check_options",
     "clip_quantizer_gradients",
     "feasible",
     "freeze_quantizer_params",

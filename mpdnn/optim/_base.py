@@ -23,6 +23,18 @@ NO_PARAMS = (
 State = TypeVar("State", bound=tuple)
 
 
+class OptionError(ValueError):
+    """A bad option of an :mod:`mpdnn.optim` transform: the option's ``name``, its ``value``,
+    the ``rule`` it breaks ("> 0 KB", "in [0, 1)", ...) and the budget size it belongs to
+    (``subject``, or None). Callers with names of their own (a training config) rename the
+    option and keep the rule, so that every rule lives here once."""
+
+    def __init__(self, name: str, value: Any, rule: str, subject: str | None = None):
+        self.name, self.value, self.rule, self.subject = name, value, rule, subject
+        where = f" for {subject}" if subject else ""
+        super().__init__(f"{name} must be {rule}, got {value!r}{where}")
+
+
 def require_params(params: Any) -> None:
     """Raise optax's error when a transform that needs ``params`` gets none."""
     if params is None:

@@ -25,13 +25,14 @@ from collections.abc import Sequence
 
 import optax
 
-from mpdnn.optim._base import map_by_path
+from mpdnn.optim._base import OptionError, map_by_path
 from mpdnn.optim.accounting import Accounting
 from mpdnn.optim.constraints import (
     DUAL_LEARNING_RATE,
     Budget,
     budget_lagrangian,
     budget_penalty,
+    check_budgets,
     check_feasible,
 )
 from mpdnn.optim.freeze import freeze_quantizer_params
@@ -55,6 +56,33 @@ def _scaled(learning_rate: float | optax.Schedule, scale: float) -> float | opta
     if callable(learning_rate):
         return lambda count: scale * learning_rate(count)
     return scale * learning_rate
+
+
+METHODS = ("penalty", "lagrangian")
+QUANT_UPDATES = ("linear", "log")
+
+
+def check_options(
+    budgets: Sequence[Budget] = (),
+    *,
+    method: str = "penalty",
+    quant_learning_rate_scale: float = 1.0,
+    quant_momentum: float | None = None,
+    quant_update: str = "linear",
+) -> None:
+    """Raise :class:`OptionError` for the first option of :func:`budget_chain` that breaks
+    its rule (the budgets' limits, strengths and margins included); the one home of these
+    rules, which a training config's check calls too."""
+    if method not in METHODS:
+        raise OptionError("method", method, " or ".join(map(repr, METHODS)))
+    if quant_update not in QUANT_UPDATES:
+        raise OptionError("quant_update", quant_update, " or ".join(map(repr, QUANT_UPDATES)))
+    if not quant_learning_rate_scale > 0:
+        raise OptionError("quant_learning_rate_scale", quant_learning_rate_scale, "> 0")
+    if quant_momentum is not None and not 0.0 <= quant_momentum < 1.0:
+        raise OptionError("quant_momentum", quant_momentum, "in [0, 1)")
+    if budgets:
+        check_budgets(budgets)
 
 
 def budget_chain(
@@ -97,12 +125,13 @@ def budget_chain(
     projection's distance from the box edges. Raises ValueError for a budget below
     :meth:`Accounting.min_sizes` (the message gives the minimum) and for unknown options.
     """
-    if method not in ("penalty", "lagrangian"):
-        raise ValueError(f"method must be 'penalty' or 'lagrangian', got {method!r}")
-    if quant_update not in ("linear", "log"):
-        raise ValueError(f"quant_update must be 'linear' or 'log', got {quant_update!r}")
-    if not quant_learning_rate_scale > 0:
-        raise ValueError(f"quant_learning_rate_scale must be > 0, got {quant_learning_rate_scale}")
+    check_options(
+        budgets,
+        method=method,
+        quant_learning_rate_scale=quant_learning_rate_scale,
+        quant_momentum=quant_momentum,
+        quant_update=quant_update,
+    )
     budgets = tuple(Budget(*b) for b in budgets)
     learned = any(q.learned for q in accounting.quantizers)
     size_fn = accounting.with_tensors if any(b.size == "act_kb" for b in budgets) else accounting

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mpdnn.optim._base import SizeFn, find_state, require_params
+from mpdnn.optim._base import OptionError, SizeFn, find_state, require_params
 from mpdnn.optim.accounting import Accounting
 
 #: Default dual step size η of :func:`budget_lagrangian`, per KB of violation per step.
@@ -81,7 +81,9 @@ class BudgetState(NamedTuple):
     violations: jax.Array
 
 
-def _check_budgets(budgets: Sequence[Budget]) -> tuple[Budget, ...]:
+def check_budgets(budgets: Sequence[Budget]) -> tuple[Budget, ...]:
+    """``budgets`` as :class:`Budget` s; :class:`OptionError` for a bad limit, strength or
+    margin, ValueError for none or a size that is not a name."""
     budgets = tuple(Budget(*b) for b in budgets)
     if not budgets:
         raise ValueError("no budgets given: leave the budget transform out of the chain")
@@ -89,11 +91,11 @@ def _check_budgets(budgets: Sequence[Budget]) -> tuple[Budget, ...]:
         if not isinstance(b.size, str):
             raise ValueError(f"budget size must be a size name such as 'weight_kb', got {b}")
         if not float(b.limit_kb) > 0:
-            raise ValueError(f"budget limit must be > 0 KB, got {b.size} ≤ {b.limit_kb}")
+            raise OptionError("limit_kb", b.limit_kb, "> 0 KB", b.size)
         if not callable(b.strength) and not float(b.strength) >= 0:
-            raise ValueError(f"budget strength must be ≥ 0, got {b.strength} for {b.size}")
+            raise OptionError("strength", b.strength, ">= 0", b.size)
         if not 0.0 <= float(b.margin) < 1.0:
-            raise ValueError(f"budget margin must be in [0, 1), got {b.margin} for {b.size}")
+            raise OptionError("margin", b.margin, "in [0, 1)", b.size)
     return budgets
 
 
@@ -145,7 +147,7 @@ def feasible(size_fn: SizeFn, budgets: Sequence[Budget], params: Any) -> jax.Arr
     usable under ``jit``. A vector size meets its budget when every element does.
 
     The same verdict as :func:`within_limits`, on params instead of host-side sizes."""
-    budgets = _check_budgets(budgets)
+    budgets = check_budgets(budgets)
     sizes = _sizes_of(size_fn, budgets, params)
     ok = [jnp.all(s <= b.limit_kb) for s, b in zip(sizes, budgets, strict=True)]
     return jnp.all(jnp.stack(ok))
@@ -187,7 +189,7 @@ def budget_penalty(size_fn: SizeFn, budgets: Sequence[Budget]) -> optax.Gradient
       An ``optax.GradientTransformation`` whose ``update`` needs ``params``; its state is a
       :class:`BudgetState`.
     """
-    budgets = _check_budgets(budgets)
+    budgets = check_budgets(budgets)
 
     def strengths(count, counts):
         return _per_constraint(
@@ -251,7 +253,7 @@ def budget_lagrangian(
     Returns:
       An ``optax.GradientTransformation`` (needs ``params``) with a :class:`BudgetState`.
     """
-    budgets = _check_budgets(budgets)
+    budgets = check_budgets(budgets)
     if not initial_multiplier >= 0:
         raise ValueError(f"initial_multiplier must be ≥ 0, got {initial_multiplier}")
     if not callable(dual_learning_rate) and not dual_learning_rate > 0:
@@ -298,7 +300,7 @@ def check_feasible(accounting: Accounting, budgets: Sequence[Budget]) -> None:
     """
     smallest = accounting.min_sizes()
     smallest["act_kb"] = smallest["act_max_kb"]  # every tensor within L iff the max is
-    for b in _check_budgets(budgets):
+    for b in check_budgets(budgets):
         if b.size in smallest and b.limit_kb < smallest[b.size]:
             raise ValueError(
                 f"budget {b.size} ≤ {b.limit_kb:g} KB cannot be met: the smallest model "

@@ -6,7 +6,7 @@ files (``experiments/*.py``) start from it and change what their row of the pape
 :func:`check` turns every kind of bad input into one :class:`ConfigError` line before any
 work starts (the command-line entry point prints it and exits with status 2).
 
-Decisions where SPEC is silent (written down here, as the brief asks):
+Decisions where the paper is silent (written down here, as the brief asks):
 
 * ``budget.*_kb = None`` means "no budget"; a number must be > 0.
 * ``budget.method = "penalty"`` is the paper's λ·max(0, g)² with ``budget.strength`` = λ;
@@ -28,6 +28,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from mpdnn import optim
 from mpdnn.models import MODELS
 from mpdnn.nn import QuantConfig, Rule
 from mpdnn.quantizers import PARAMETRIZATIONS
@@ -274,7 +275,6 @@ RECIPES: dict[str, dict[str, object]] = {
 #: the budget study's 25.7 KB, where the update was chosen.
 RELATIVE_STRENGTH = 64.0
 MAX_GRADIENTS = ("first", "all")
-QUANT_UPDATES = ("linear", "log")
 
 # The options of the budget search: a run without a budget takes the paper's.
 _SEARCH_KEYS = ("clip_quantizer_gradients", "quant_lr_scale", "quant_momentum", "quant_update")
@@ -336,14 +336,7 @@ def _check_recipe(config: ml_collections.ConfigDict) -> Recipe:
     r = recipe(config)
     if r.max_gradient not in MAX_GRADIENTS:
         _fail(f"budget.max_gradient={r.max_gradient!r} is unknown; expected first or all")
-    if not 0.0 <= r.margin < 1.0:
-        _fail(f"budget.margin={r.margin} must be in [0, 1): the fraction below each limit aimed at")
-    if not r.quant_lr_scale > 0:
-        _fail(f"optim.quant_lr_scale={r.quant_lr_scale} must be > 0")
-    if not 0.0 <= r.quant_momentum < 1.0:
-        _fail(f"optim.quant_momentum={r.quant_momentum} must be in [0, 1)")
-    if r.quant_update not in QUANT_UPDATES:
-        _fail(f"optim.quant_update={r.quant_update!r} is unknown; expected linear or log")
+    _check_optim_options(config, r)
     if r.bn_recalibration < 0:
         _fail(f"train.bn_recalibration={r.bn_recalibration} must be >= 0 batches (0: off)")
     explicit = config.budget.get("freeze_epoch")
@@ -433,16 +426,43 @@ def strength(config: ml_collections.ConfigDict, size: str, limit_kb: float) -> f
 
 
 def budgets(config: ml_collections.ConfigDict) -> dict[str, float]:
-    """``{size: limit_kb}`` of the budgets set (none: empty)."""
-    out = {}
-    for name in SIZES:
-        value = getattr(config.budget, name)
-        if value is None:
-            continue
-        if not value > 0:
-            _fail(f"budget.{name}={value} must be > 0 KB (leave it unset for no budget)")
-        out[name] = float(value)
-    return out
+    """``{size: limit_kb}`` of the budgets set (none: empty); :func:`check` judges them."""
+    return {
+        n: float(getattr(config.budget, n)) for n in SIZES if getattr(config.budget, n) is not None
+    }
+
+
+def _check_optim_options(config: ml_collections.ConfigDict, r: Recipe) -> None:
+    """The optimizer's options, judged by :func:`mpdnn.optim.check_options` (the one home of
+    their rules) and reported under the config's own keys."""
+    limits = budgets(config)
+    terms = [
+        optim.Budget(s, v, strength(config, s, v) if v > 0 else 0.0, r.margin)
+        for s, v in limits.items()
+    ]
+    try:
+        optim.check_options(
+            terms,
+            method=config.budget.method,
+            quant_learning_rate_scale=r.quant_lr_scale,
+            quant_momentum=r.quant_momentum,
+            quant_update=r.quant_update,
+        )
+    except optim.OptionError as e:
+        size = e.subject
+        keys = {
+            "method": "budget.method",
+            "quant_update": "optim.quant_update",
+            "quant_learning_rate_scale": "optim.quant_lr_scale",
+            "quant_momentum": "optim.quant_momentum",
+            "margin": "budget.margin",
+            "limit_kb": f"budget.{size}",
+            "strength": f"budget.strengths.{size}"
+            if size in config.budget.strengths
+            else "budget.strength",
+        }
+        hint = " (leave it unset for no budget)" if e.name == "limit_kb" else ""
+        _fail(f"{keys[e.name]}={e.value!r} must be {e.rule}{hint}")
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -452,7 +472,6 @@ def check(config: ml_collections.ConfigDict) -> None:
     if config.data.name not in DATASETS:
         _fail(f"data.name={config.data.name!r} is unknown; known: {', '.join(DATASETS)}")
     rules(config)
-    budgets(config)
     if config.init.from_workdir and config.init.get("torchvision"):
         _fail("init.from_workdir and init.torchvision both start the model: set one")
     _check_recipe(config)
@@ -463,15 +482,9 @@ def check(config: ml_collections.ConfigDict) -> None:
     every = config.train.eval_feasible_every
     if not (isinstance(every, int) and every >= 0):
         _fail(f"train.eval_feasible_every={every!r} must be an integer >= 0 steps (0: off)")
-    if config.budget.method not in ("penalty", "lagrangian"):
-        _fail(f"budget.method={config.budget.method!r} is unknown; expected penalty or lagrangian")
-    if config.budget.get("strength") is not None and not config.budget.strength >= 0:
-        _fail(f"budget.strength={config.budget.strength} must be >= 0")
-    for name, value in config.budget.strengths.items():
+    for name in config.budget.strengths:  # their values: with the budgets, in _check_recipe
         if name not in SIZES:
             _fail(f"budget.strengths.{name} is not a size; expected one of {', '.join(SIZES)}")
-        if not value >= 0:
-            _fail(f"budget.strengths.{name}={value} must be >= 0")
     if config.model.compute_dtype not in (None, "float32", "bfloat16", "float16"):
         _fail(
             f"model.compute_dtype={config.model.compute_dtype!r} is unknown; expected "

@@ -13,9 +13,11 @@ from mpdnn.optim import (
     Budget,
     BudgetState,
     FreezeState,
+    OptionError,
     budget_chain,
     budget_penalty,
     budget_values,
+    check_options,
     clip_quantizer_gradients,
     project_quantizer_params,
     sgd_nnabla,
@@ -108,3 +110,27 @@ def test_budget_chain_defaults_are_the_authors_update(resnet):
             np.testing.assert_allclose(a[path], b[path], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="quant_update"):
         budget_chain(acc, budgets, lr, quant_update="adam")
+
+
+@pytest.mark.parametrize(
+    ("options", "name", "value", "rule"),
+    [
+        ({"method": "sgd"}, "method", "sgd", "'penalty' or 'lagrangian'"),
+        ({"quant_update": "adam"}, "quant_update", "adam", "'linear' or 'log'"),
+        ({"quant_learning_rate_scale": 0.0}, "quant_learning_rate_scale", 0.0, "> 0"),
+        ({"quant_momentum": 1.0}, "quant_momentum", 1.0, "in [0, 1)"),
+        ({"budgets": [Budget("weight_kb", -1.0)]}, "limit_kb", -1.0, "> 0 KB"),
+        ({"budgets": [Budget("act_max_kb", 8.0, -0.1)]}, "strength", -0.1, ">= 0"),
+        ({"budgets": [Budget("weight_kb", 70.0, 0.1, 1.0)]}, "margin", 1.0, "in [0, 1)"),
+    ],
+)
+def test_check_options_names_the_option_its_value_and_rule(options, name, value, rule):
+    """One error type for every bad option, structured so that a caller with its own option
+    names (a training config) can say it in those."""
+    with pytest.raises(OptionError) as info:
+        check_options(**options)
+    assert (info.value.name, info.value.value, info.value.rule) == (name, value, rule)
+    assert str(info.value).startswith(f"{name} must be {rule}, got {value!r}")
+    budgets = options.get("budgets")
+    assert info.value.subject == (budgets[0].size if budgets else None)
+    check_options([Budget("weight_kb", 70.0, 0.1, 0.02)], quant_momentum=0.0)  # all fine

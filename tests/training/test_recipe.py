@@ -201,7 +201,7 @@ def test_the_mpdnn_recipe_freezes_at_the_first_decay_within_the_run():
         ("budget.max_gradient", "some", "budget.max_gradient='some' is unknown"),
         ("budget.margin", 1.0, "budget.margin=1.0 must be in [0, 1)"),
         ("budget.freeze_epoch", 9.0, "budget.freeze_epoch=9 is after the last epoch (2)"),
-        ("optim.quant_update", "adam", "optim.quant_update='adam' is unknown"),
+        ("optim.quant_update", "adam", "optim.quant_update='adam' must be 'linear' or 'log'"),
         ("optim.quant_lr_scale", 0.0, "optim.quant_lr_scale=0.0 must be > 0"),
         ("optim.quant_momentum", 1.0, "optim.quant_momentum=1.0 must be in [0, 1)"),
         ("train.bn_recalibration", -1, "train.bn_recalibration=-1 must be >= 0"),
@@ -299,3 +299,25 @@ def test_without_a_budget_the_mpdnn_recipe_keeps_the_papers_theta_update():
     assert r.bn_recalibration == cfg.RECIPES["mpdnn"]["bn_recalibration"]
     c.optim.quant_update = "log"  # asked for: granted
     assert cfg.recipe(c).quant_update == "log"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"method": "sgd"}, "budget.method='sgd' must be 'penalty' or 'lagrangian'"),
+        ({"weight_kb": 70.0, "strength": -1.0}, "budget.strength=-1.0 must be >= 0"),
+        (
+            {"weight_kb": 70.0, "strengths": {"weight_kb": -2.0}},
+            "budget.strengths.weight_kb=-2.0 must be >= 0",
+        ),
+        ({"act_sum_kb": -3.0}, "budget.act_sum_kb=-3.0 must be > 0 KB"),
+    ],
+)
+def test_budget_options_are_judged_by_optim_under_the_config_keys(overrides, message):
+    """The rules are optim.check_options'; the config check says them in its own keys."""
+    config = tiny_config()
+    for key, value in overrides.items():
+        config.budget[key] = value
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.check(config)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
