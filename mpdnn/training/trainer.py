@@ -91,27 +91,28 @@ class RunResult:
     total_steps: int
     steps_per_epoch: int
     recipe: str  # budget.recipe: "paper" or "mpdnn"
-    selection: str  # "validation" or "test (the authors')"
-    final_test_error: float | None
-    final_validation_error: float | None
-    best_test_error: float | None  # lowest test error of any evaluation, budgets ignored
-    best_feasible_test_error: float | None  # the selected evaluation that met every budget
-    best_feasible_validation_error: float | None
-    best_feasible_step: int | None
-    authors_test_error: float | None  # the authors' selection, labelled as theirs
-    authors_step: int | None
-    frozen_step: int | None  # θ frozen at this step's values (budget.freeze_epoch)
-    feasible: bool | None  # None: no budget
+    budgets: dict[str, float]
+    wall_time_s: float
+    # What was delivered: a stopped run leaves these at their defaults (nothing delivered).
+    selection: str = ""  # "validation" or "test (the authors')"
+    final_test_error: float | None = None
+    final_validation_error: float | None = None
+    best_test_error: float | None = None  # lowest test error of any evaluation, budgets ignored
+    best_feasible_test_error: float | None = None  # the selected evaluation within every budget
+    best_feasible_validation_error: float | None = None
+    best_feasible_step: int | None = None
+    authors_test_error: float | None = None  # the authors' selection, labelled as theirs
+    authors_step: int | None = None
+    frozen_step: int | None = None  # θ frozen at this step's values (budget.freeze_epoch)
+    feasible: bool | None = None  # None: no budget
     # "final" (no budget, or θ frozen within every budget), "best_feasible" or None (no
     # model met every budget)
-    delivered: str | None
-    delivered_test_error: float | None
-    delivered_sizes: dict[str, float]  # of the delivered model (final when none)
-    budgets: dict[str, float]
-    final_sizes: dict[str, float]
-    verdicts: dict[str, dict[str, Any]]
-    layers: list[dict[str, Any]]
-    wall_time_s: float
+    delivered: str | None = None
+    delivered_test_error: float | None = None
+    delivered_sizes: dict[str, float] = dataclasses.field(default_factory=dict)  # final if none
+    final_sizes: dict[str, float] = dataclasses.field(default_factory=dict)
+    verdicts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -296,7 +297,17 @@ def _train_and_evaluate(config, run: RunDir, should_stop, command: str) -> RunRe
         writer.close()
         if chief:
             run.write_summary({"status": "stopped", "step": step, "name": config.name})
-        return _stopped_result(config, run, s, step, start)
+        return RunResult(  # nothing delivered yet: the delivery fields keep their defaults
+            name=config.name,
+            workdir=str(run.path),
+            status="stopped",
+            step=step,
+            total_steps=s.plan.total_steps,
+            steps_per_epoch=s.plan.steps_per_epoch,
+            recipe=s.recipe.name,
+            budgets=s.budgets,
+            wall_time_s=time.perf_counter() - start,
+        )
 
     # Delivery.
     with Checkpointer(run.final, max_to_keep=1, async_save=False) as final:
@@ -429,38 +440,6 @@ def _restore(directory: Path, like) -> dict[str, Any]:
     """``{"params", "rest"}`` of the checkpoint in ``directory``, shaped like ``like``."""
     with Checkpointer(directory, max_to_keep=1, async_save=False) as saved:
         return saved.restore({"params": like["params"], "rest": like["rest"]})[1]
-
-
-def _stopped_result(config, run: RunDir, s: Setup, step: int, start: float) -> RunResult:
-    """What a run stopped on request returns (nothing delivered yet)."""
-    return RunResult(
-        name=config.name,
-        workdir=str(run.path),
-        status="stopped",
-        step=step,
-        total_steps=s.plan.total_steps,
-        steps_per_epoch=s.plan.steps_per_epoch,
-        recipe=s.recipe.name,
-        selection="",
-        final_test_error=None,
-        final_validation_error=None,
-        best_test_error=None,
-        best_feasible_test_error=None,
-        best_feasible_validation_error=None,
-        best_feasible_step=None,
-        authors_test_error=None,
-        authors_step=None,
-        frozen_step=None,
-        feasible=None,
-        delivered=None,
-        delivered_test_error=None,
-        delivered_sizes={},
-        budgets=s.budgets,
-        final_sizes={},
-        verdicts={},
-        layers=[],
-        wall_time_s=time.perf_counter() - start,
-    )
 
 
 def _verdicts(budgets, final_sizes, delivered_sizes) -> dict[str, dict[str, Any]]:
