@@ -42,10 +42,13 @@ met them all (no deliverable model); 143 stopped by SIGTERM after checkpointing.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -53,58 +56,107 @@ from ml_collections import config_flags
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "digits.py"
 
-_FLAGS: dict = {}
+PROG = "mpdnn.train"
 
 
-def define_flags() -> None:
-    """Define ``--config`` and ``--workdir`` (once). ml_collections reads the
-    ``--config.key=value`` overrides from ``sys.argv`` while defining, so this runs in
-    :func:`run`, not at import, and a bad override is a one-line error."""
-    if _FLAGS:
-        return
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    """The parsed command line: the loaded config and the other flags' values."""
+
+    config: Any  # an ml_collections.ConfigDict
+    workdir: str | None
+    distributed: bool
+    coordinator_address: str | None
+    num_processes: int | None
+    process_id: int | None
+    argv: tuple[str, ...]  # as given, without the program name
+
+
+def parse_flags(argv: Sequence[str]) -> Flags:
+    """``argv`` (without the program name) parsed by absl's flags into a fresh
+    ``FlagValues``, so that repeated calls in one process (the tests) do not collide. Bad
+    input (an unknown flag, a bad ``--config.key=value``, a config that fails to load) is
+    one line on stderr and exit status 2."""
+    full = [PROG, *argv]
+    values = flags.FlagValues()
     try:
-        _FLAGS["config"] = config_flags.DEFINE_config_file(
+        config = config_flags.DEFINE_config_file(
             "config",
             default=str(DEFAULT_CONFIG),
             help_string="experiment config file, optionally with ':arg' (default: the digits "
             "experiment)",
+            flag_values=values,
             lock_config=True,
+            sys_argv=full,
         )
     except (AttributeError, KeyError, TypeError, ValueError) as err:
-        text = str(err.args[0]) if err.args else str(err)  # KeyError's str() is a repr
-        for junk in ("\\n", "\\", "'", '"'):
-            text = text.replace(junk, " ")
-        key = " ".join(text.split())
-        _usage_error(f"bad --config override: no key {key}")
-    _FLAGS["workdir"] = flags.DEFINE_string(
-        "workdir", None, "output directory (default runs/<config name>)"
+        _usage_error(f"bad --config override: no key {_key(err)}")
+    workdir = flags.DEFINE_string(
+        "workdir", None, "output directory (default runs/<config name>)", flag_values=values
     )
-    _FLAGS["distributed"] = flags.DEFINE_bool(
+    distributed = flags.DEFINE_bool(
         "distributed",
         False,
         "call jax.distributed.initialize() first, one process per host; it finds the "
         "coordinator from the cluster environment (Cloud TPU, SLURM, Open MPI, Kubernetes) "
         "unless --coordinator_address, --num_processes and --process_id give them",
+        flag_values=values,
     )
-    _FLAGS["coordinator_address"] = flags.DEFINE_string(
+    coordinator = flags.DEFINE_string(
         "coordinator_address",
         None,
         "with --distributed: HOST:PORT of process 0, where it runs the coordinator service "
         "(the same on every host; default $JAX_COORDINATOR_ADDRESS or the cluster's)",
+        flag_values=values,
     )
-    _FLAGS["num_processes"] = flags.DEFINE_integer(
+    num_processes = flags.DEFINE_integer(
         "num_processes",
         None,
         "with --distributed: how many processes (hosts) take part",
         lower_bound=1,
+        flag_values=values,
     )
-    _FLAGS["process_id"] = flags.DEFINE_integer(
+    process_id = flags.DEFINE_integer(
         "process_id",
         None,
         "with --distributed: this process's index, 0 to num_processes-1; 0 runs the "
         "coordinator and writes the outputs",
         lower_bound=0,
+        flag_values=values,
     )
+    if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv):
+        print(__doc__)
+        print(values.get_help())
+        sys.exit(0)
+    try:
+        rest = values(full)
+    except flags.Error as err:
+        _usage_error(_one_line(err))
+    if len(rest) > 1:
+        _usage_error(f"unexpected arguments {' '.join(rest[1:])!r}")
+    try:
+        loaded = config.value
+        loaded.to_dict()  # ml_collections loads lazily: fail here, not mid-run
+    except (OSError, AttributeError, KeyError, TypeError, ValueError) as err:
+        _usage_error(f"cannot load the config: {_one_line(err)}")
+    return Flags(
+        config=loaded,
+        workdir=workdir.value,
+        distributed=distributed.value,
+        coordinator_address=coordinator.value,
+        num_processes=num_processes.value,
+        process_id=process_id.value,
+        argv=tuple(argv),
+    )
+
+
+def _key(err: BaseException) -> str:
+    """The key a bad override names, from ml_collections' error (KeyError's str() is a
+    repr, with quotes and escaped newlines)."""
+    text = str(err.args[0]) if err.args else str(err)
+    for junk in ("\\n", "\\", "'", '"'):
+        text = text.replace(junk, " ")
+    return " ".join(text.split())
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -153,9 +205,12 @@ def format_table(results: dict) -> str:
 
 def _one_line(err: BaseException) -> str:
     """The last non-empty line of an error's text: absl and ml_collections wrap config
-    loading errors in tracebacks; the line that matters comes last."""
+    loading errors in tracebacks; the line that matters comes last, without the wrapped
+    exception's qualified name (``mpdnn.training.config.ConfigError: ...``)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+    if not lines:
+        return type(err).__name__
+    return re.sub(r"^[\w.]+(?:Error|Exception): ", "", lines[-1])
 
 
 def _usage_error(message: str) -> NoReturn:
@@ -163,37 +218,16 @@ def _usage_error(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser with bad flags (or a config file that fails to load) as one line."""
-    try:
-        rest = flags.FLAGS(argv)
-    except flags.Error as err:
-        _usage_error(_one_line(err))
-    if len(rest) > 1:
-        _usage_error(f"unexpected arguments {' '.join(rest[1:])!r}")
-    return rest
-
-
-def _load_config():
-    try:
-        config = _FLAGS["config"].value
-        config.to_dict()  # ml_collections loads lazily: fail here, not mid-run
-        return config
-    except (OSError, AttributeError, KeyError, TypeError, ValueError) as err:
-        _usage_error(f"cannot load the config: {_one_line(err)}")
-
-
-def command() -> str:
-    """This invocation as a user would type it (``sys.argv[0]`` is the module's file)."""
+def command(argv: Sequence[str]) -> str:
+    """This invocation as a user would type it (``argv`` without the program name)."""
     import shlex
 
-    return shlex.join(["python", "-m", "mpdnn.train", *sys.argv[1:]])
+    return shlex.join(["python", "-m", "mpdnn.train", *argv])
 
 
-def write_table(workdir: Path, config, results: dict, table: str) -> None:
+def write_table(workdir: Path, config, results: dict, table: str, command_line: str) -> None:
     """``table.md`` (the printed table with its command and provenance) and ``table.json``
     (every run's summary) in ``workdir``: what a ``results/`` entry is made from."""
-    import dataclasses
     import time
 
     import jax
@@ -203,7 +237,6 @@ def write_table(workdir: Path, config, results: dict, table: str) -> None:
 
     if jax.process_index() != 0:
         return
-    command_line = command()
     wall = sum(r.wall_time_s for r in results.values())
     prov = provenance(command_line, wall_time_s=wall, seed=config.seed)
     runs = {}
@@ -233,11 +266,11 @@ def _on_sigterm(signum, frame) -> None:
     STOP_REQUESTED.set()
 
 
-def _initialize_distributed() -> None:
+def _initialize_distributed(args: Flags) -> None:
     """``jax.distributed.initialize`` with the flags' values (``None``: the cluster's)."""
     names = ("coordinator_address", "num_processes", "process_id")
-    given = {name: _FLAGS[name].value for name in names}
-    if not _FLAGS["distributed"].value:
+    given = {name: getattr(args, name) for name in names}
+    if not args.distributed:
         stray = [f"--{name}" for name in names if given[name] is not None]
         if stray:
             _usage_error(f"{', '.join(stray)}: only with --distributed")
@@ -253,7 +286,10 @@ def _initialize_distributed() -> None:
         )
 
 
-def main(argv) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    """Train the config ``argv`` names (default: ``sys.argv[1:]``); exits with the status
+    the module docstring lists when it is not 0."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     # absl would print every INFO line of JAX's (e.g. "Unable to initialize backend 'tpu'").
     absl_logging.set_verbosity(absl_logging.WARNING)
     from mpdnn.data import DataError
@@ -261,10 +297,12 @@ def main(argv) -> None:
     from mpdnn.training.checkpoint import CheckpointError
     from mpdnn.training.trainer import TrainingError, train_and_evaluate
 
-    config = _load_config()
-    _initialize_distributed()
-    workdir = Path(_FLAGS["workdir"].value or Path("runs") / config.name)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    args = parse_flags(argv)
+    config = args.config
+    _initialize_distributed(args)
+    workdir = Path(args.workdir or Path("runs") / config.name)
+    command_line = command(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     results = {}
     try:
         runs = cfg.variants(config)
@@ -273,7 +311,7 @@ def main(argv) -> None:
         for name, run in runs.items():
             run_dir = workdir / name if name else workdir
             print(f"== {run.name}: {run_dir}", file=sys.stderr, flush=True)
-            results[name] = result = train_and_evaluate(run, run_dir, command=command())
+            results[name] = result = train_and_evaluate(run, run_dir, command=command_line)
             if result.status == "stopped":
                 print(f"stopped at step {result.step}; rerun the same command to resume")
                 sys.exit(143)
@@ -283,10 +321,12 @@ def main(argv) -> None:
     except (TrainingError, CheckpointError) as err:
         print(f"mpdnn.train: training failed: {err}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     table = format_table(results)
     print()
     print(table)
-    write_table(workdir, config, results, table)
+    write_table(workdir, config, results, table, command_line)
     print(f"results in {workdir} (table.md, table.json; summary.json, report.json per run)")
     infeasible = [n or config.name for n, r in results.items() if r.feasible is False]
     if infeasible:
@@ -299,9 +339,16 @@ def main(argv) -> None:
         sys.exit(3)
 
 
+def _absl_parser(argv: list[str]) -> list[str]:
+    # main parses its own flags; absl's global ones stay at their defaults (marked parsed,
+    # so that absl does not warn about logging before flag parsing).
+    flags.FLAGS.mark_as_parsed()
+    return argv
+
+
 def run() -> None:
-    define_flags()
-    app.run(main, flags_parser=parse_flags)
+    """The console entry: absl's app (its logging set-up) around :func:`main`."""
+    app.run(lambda argv: main(argv[1:]), flags_parser=_absl_parser)
 
 
 if __name__ == "__main__":

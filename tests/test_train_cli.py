@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from mpdnn import train
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,12 +54,31 @@ def test_smoke_prints_the_table(tmp_path):
         (["--config.data.name=cifar10", "--config.data.dir=/nope"], "/nope"),
     ],
 )
-def test_bad_input_is_one_line_and_status_2(tmp_path, flags, message):
-    proc = run("--workdir", str(tmp_path), *flags, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = [
-        line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("==")
-    ]
-    assert len(lines) == 1, proc.stderr
+def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, monkeypatch, flags, message):
+    """In-process (``main(argv)``); the exit statuses of a real process are the smoke
+    test's above."""
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--workdir", str(tmp_path), *flags])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("==")]
+    assert len(lines) == 1, err
     assert message in lines[0]
     assert lines[0].startswith("mpdnn.train: error:")
+    if not any("data.dir" in f for f in flags):  # the data is found when a run starts
+        assert not list(tmp_path.iterdir())  # rejected before any work: nothing written
+
+
+def test_main_runs_in_process_twice(tmp_path, capsys, monkeypatch):
+    """Fresh flags per call: a second call in the same process parses its own argv."""
+    monkeypatch.chdir(REPO)
+    for name in ("a", "b"):
+        with pytest.raises(SystemExit) as exit_:
+            train.main(
+                ["--config", "experiments/digits.py:smoke", "--workdir", str(tmp_path / name)]
+            )
+        assert exit_.value.code == 3  # two steps cannot meet the budget (the smoke test)
+        assert (tmp_path / name / "table.json").is_file()
+    table = json.loads((tmp_path / "b" / "table.json").read_text())
+    assert table["provenance"]["command"].endswith(f"--workdir {tmp_path / 'b'}")
