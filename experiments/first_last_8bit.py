@@ -22,7 +22,7 @@ quantized learning rate 0.03, as the float-net init rows of Table 1; ``budget.re
 default, mpdnn's (without a budget only its BatchNorm recalibration before every evaluation
 differs from the paper's). Not trained yet: no result is recorded for it.
 
-    python -m mpdnn.train --config experiments/cifar10/float.py --workdir runs/cifar10/float
+    python -m mpdnn.train --config experiments/cifar10.py:row=float --workdir runs/cifar10/float
     python -m mpdnn.train --config experiments/first_last_8bit.py \
         --workdir runs/cifar10/first_last_8bit
     python -m mpdnn.report --config experiments/first_last_8bit.py   # the initial bits
@@ -32,14 +32,15 @@ differs from the paper's). Not trained yet: no result is recorded for it.
 
 import ml_collections
 
-from mpdnn.training.config import base_config, quantizer_config
+from mpdnn.configs.common import two_steps
+from mpdnn.training.config import ConfigError, base_config, quantizer_config
 
 ENDS = "stem|head"  # the first conv and the classifier (kernel and bias)
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
     if arg not in (None, "", "smoke"):
-        raise ValueError(f"unknown argument {arg!r} for first_last_8bit; expected smoke")
+        raise ConfigError(f"unknown argument {arg!r} for first_last_8bit; expected smoke")
     c = base_config()
     c.name = "cifar10/first_last_8bit"
     c.quant.weights = quantizer_config("learned", bits=2)
@@ -55,10 +56,5 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     if arg == "smoke":
         c.init.from_workdir = None  # no float run beside a test's workdir
         c.data.max_per_class = 10
-        c.train.batch_size = 32
-        c.train.eval_batch_size = 100
-        c.train.epochs = 1
-        c.train.max_steps = 2
-        c.train.steps_per_call = 1
-        c.optim.decay_epochs = ()
+        two_steps(c, batch_size=32, eval_batch_size=100)
     return c

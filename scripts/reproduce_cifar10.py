@@ -1,8 +1,8 @@
 """Reproduce the paper's CIFAR-10 tables (docs/method.md §9, Tables 1 and 3) with one command.
 
-Runs the rows of :mod:`mpdnn.configs.cifar10` (one config each, ``experiments/cifar10/``)
-on the local accelerator, each as its own ``python -m mpdnn.train`` process in
-``<runs_dir>/<row>`` (log beside it, ``<row>.log``), then writes per row
+Runs the rows of :mod:`mpdnn.configs.cifar10` (``experiments/cifar10.py:row=<row>``) on the
+local accelerator, each as its own ``python -m mpdnn.train`` process in ``<runs_dir>/<row>``
+(log beside it, ``<row>.log``; :mod:`jobs` schedules them), then writes per row
 ``results/cifar10/<row>.json`` (``results/cifar10/reduced/<row>.json`` with ``--reduced``):
 final, best and delivered error, weight/activation sizes with each budget's verdict,
 per-layer bits, wall time, training throughput and provenance. ``results/cifar10.md`` is
@@ -29,6 +29,7 @@ Commands::
     python scripts/reproduce_cifar10.py --rows t1_u3_w_float,t1_u3_wa_float
     python scripts/reproduce_cifar10.py --all --reduced --jobs 2         # every row, CPU
     python scripts/reproduce_cifar10.py --markdown                       # only rewrite the md
+    python scripts/reproduce_cifar10.py --list      # every row: paper, command, our results
 
 The data: the shared JPEG copy (found beside the repository, or ``--data_dir``/
 ``$MPDNN_CIFAR10``) or a prepared tfds data_dir.
@@ -39,23 +40,30 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a file from anywhere: import this checkout's mpdnn
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "scripts"):  # run as a file from anywhere: this checkout's code
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import jobs  # noqa: E402
 
 from mpdnn.cli import OneLineParser  # noqa: E402
-from mpdnn.configs.cifar10 import PARAMETRIZATIONS, ROWS, TABLE3, Row  # noqa: E402
+from mpdnn.configs.cifar10 import (  # noqa: E402
+    PARAMETRIZATIONS,
+    ROWS,
+    TABLE3,
+    Row,
+    listing,
+    load_results,
+)
 from mpdnn.training.rundir import RunDir  # noqa: E402
 
-EXPERIMENTS = REPO / "experiments" / "cifar10"
-EXIT_INFEASIBLE = 3
+EXPERIMENT = "experiments/cifar10.py"  # relative to REPO, where every run starts
 
 # What docs/method.md §11 asks every table built on the shared copy to say.
 DATA_CAVEAT = (
@@ -94,155 +102,57 @@ def select(args) -> list[Row]:
     return sorted(rows, key=priority)
 
 
-def finished(workdir: Path) -> bool:
-    try:
-        return RunDir(workdir).finished()
-    except ValueError:  # an unreadable summary: not finished
-        return False
-
-
 # ----------------------------------------------------------------------------- running
 
 
-class Job:
-    def __init__(self, row: Row, args, runs_dir: Path):
-        self.row = row
-        self.workdir = runs_dir / row.name
-        self.log = runs_dir / f"{row.name}.log"
-        config = EXPERIMENTS / f"{row.name}.py"
-        self.command = [
-            sys.executable,
-            "-m",
-            "mpdnn.train",
-            "--config",
-            f"{config}:{args.protocol}" if args.protocol != "full" else str(config),
-            "--workdir",
-            str(self.workdir),
-            "--config.train.progress=false",
-            *(f"--config.{s}" for s in args.set),
-        ]
-        if args.data_dir:
-            self.command.append(f"--config.data.dir={args.data_dir}")
-        self.process: subprocess.Popen | None = None
-        self.start = 0.0
-        self.wall = 0.0
-        self.returncode: int | None = None
-
-    def launch(self, env: dict[str, str]) -> None:
-        self.workdir.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.log, "a")  # noqa: SIM115 (closed in poll)
-        handle.write(f"$ {shlex.join(self.command)}\n")
-        handle.flush()
-        self.start = time.perf_counter()
-        self.process = subprocess.Popen(
-            self.command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env
-        )
-        self._handle = handle
-
-    def poll(self) -> bool:
-        assert self.process is not None
-        code = self.process.poll()
-        if code is None:
-            return False
-        self._handle.close()
-        self.returncode = code
-        self.wall = time.perf_counter() - self.start
-        return True
-
-    def status(self) -> str:
-        if self.returncode == 0:
-            return "completed"
-        if self.returncode == EXIT_INFEASIBLE:
-            return "infeasible"
-        try:
-            error = RunDir(self.workdir).error or ""
-        except ValueError:
-            error = ""
-        if "not finite" in error:  # the trainer's summary of a diverged run says so
-            return "diverged"
-        if self.returncode in (143, -15):
-            return "stopped"
-        return f"failed (exit {self.returncode})"
+def job(row: Row, args, runs_dir: Path) -> jobs.Job:
+    """One row's ``python -m mpdnn.train`` process (after the float row if it starts from it)."""
+    arg = f"row={row.name}" + ("" if args.protocol == "full" else f",protocol={args.protocol}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpdnn.train",
+        "--config",
+        f"{EXPERIMENT}:{arg}",
+        "--workdir",
+        str(runs_dir / row.name),
+        "--config.train.progress=false",
+        *(f"--config.{s}" for s in args.set),
+    ]
+    if args.data_dir:
+        cmd.append(f"--config.data.dir={args.data_dir}")
+    return jobs.Job(
+        name=row.name,
+        command=cmd,
+        workdir=runs_dir / row.name,
+        log=runs_dir / f"{row.name}.log",
+        after=runs_dir / "float" if row.float_init else None,
+    )
 
 
-def run_rows(rows: list[Row], args, runs_dir: Path, results_dir: Path, start: float) -> dict:
+def run_rows(rows: list[Row], args, runs_dir: Path, results_dir: Path) -> dict[str, str]:
     """Train ``rows`` (up to ``--jobs`` at once, float-net rows after the float one) and
     collect each as it ends; returns ``{row: status}``."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if args.jobs > 1:
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.jobs:.3f}")
-    pending = list(rows)
-    running: list[Job] = []
-    statuses: dict[str, str] = {}
-    float_dir = runs_dir / "float"
-    stopping = []
 
-    def stop(signum, frame):  # SIGTERM/SIGINT: every running row checkpoints and stops
-        if not stopping:
-            print("stopping: the running rows checkpoint and exit", flush=True)
-        stopping.append(signum)
-        for job in running:
-            if job.process is not None and job.process.poll() is None:
-                job.process.send_signal(signal.SIGTERM)
+    def on_end(j: jobs.Job, status: str) -> None:
+        if status == jobs.FINISHED_BEFORE:  # collected again, not retrained
+            collect(ROWS[j.name], j.workdir, results_dir, args, "completed", None, None)
+        else:
+            collect(ROWS[j.name], j.workdir, results_dir, args, status, j.wall, j.command)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-
-    def float_ready() -> bool:
-        return finished(float_dir)
-
-    while pending or running:
-        for job in list(running):
-            if job.poll():
-                running.remove(job)
-                status = job.status()
-                statuses[job.row.name] = status
-                collect(job.row, job.workdir, results_dir, args, status, job.wall, job.command)
-                print(
-                    f"[{time.perf_counter() - start:7.0f}s] {job.row.name}: {status} "
-                    f"in {job.wall:.0f}s ({job.log})",
-                    flush=True,
-                )
-                if job.row.name == "float" and status != "completed":
-                    for row in [r for r in pending if r.float_init]:
-                        pending.remove(row)
-                        statuses[row.name] = "not run (the float row failed)"
-        out_of_time = bool(stopping) or (
-            args.deadline_s and time.perf_counter() - start > args.deadline_s
-        )
-        while pending and len(running) < args.jobs and not out_of_time:
-            ready = [r for r in pending if not r.float_init or float_ready()]
-            if not ready:
-                break
-            row = ready[0]
-            pending.remove(row)
-            if finished(runs_dir / row.name) and not args.force:
-                statuses[row.name] = "completed"
-                collect(row, runs_dir / row.name, results_dir, args, "completed", None, None)
-                print(f"{row.name}: already finished in {runs_dir / row.name}", flush=True)
-                continue
-            job = Job(row, args, runs_dir)
-            job.launch(env)
-            running.append(job)
-            print(
-                f"[{time.perf_counter() - start:7.0f}s] {row.name}: started "
-                f"({len(pending)} waiting)",
-                flush=True,
-            )
-        if out_of_time and pending and not running:
-            for row in pending:
-                statuses[row.name] = "not run (" + ("stopped" if stopping else "deadline") + ")"
-            pending.clear()
-        if running:
-            time.sleep(1.0)
-        elif pending and not out_of_time:
-            # Only float-net rows are left and the float row is not running: it must be
-            # selected (select() adds it) or finished, so this is a failed float run.
-            for row in pending:
-                statuses[row.name] = "not run (no finished float row)"
-            pending.clear()
-    return statuses
+    statuses = jobs.run_all(
+        [job(row, args, runs_dir) for row in rows],
+        slots=args.jobs,
+        env=env,
+        rerun_finished=args.force,
+        deadline_s=args.deadline_s,
+        on_end=on_end,
+    )
+    return {n: "completed" if s == jobs.FINISHED_BEFORE else s for n, s in statuses.items()}
 
 
 # ----------------------------------------------------------------------------- results
@@ -332,17 +242,6 @@ def collect(row: Row, workdir: Path, results_dir: Path, args, status, wall, comm
     out = (folder if args.protocol == "full" else folder / args.protocol) / f"{row.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
-
-
-def load_results(results_dir: Path) -> dict[str, dict[str, dict]]:
-    """``{"full"|"reduced": {row: record}}`` from the JSON files present."""
-    out: dict[str, dict[str, dict]] = {"full": {}, "reduced": {}}
-    folders = {"full": results_dir / "cifar10", "reduced": results_dir / "cifar10" / "reduced"}
-    for protocol, folder in folders.items():
-        for path in sorted(folder.glob("*.json")):
-            record = json.loads(path.read_text())
-            out[protocol][record["row"]] = record
-    return out
 
 
 def _pct(x: float | None) -> str:
@@ -511,8 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
     if args.list:
-        for row in sorted(ROWS.values(), key=priority):
-            print(f"{row.name:<22} Table {row.table}  paper {row.paper_text:<9} {row.title}")
+        print(listing(args.results_dir))
         return 0
     if args.markdown:
         print(write_markdown(args.results_dir))
@@ -530,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     if (
         any(r.float_init for r in rows)
         and ROWS["float"] not in rows
-        and not finished(runs_dir / "float")
+        and not jobs.finished(runs_dir / "float")
     ):
         rows.insert(0, ROWS["float"])
     start = time.perf_counter()
@@ -539,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.jobs} at a time: {', '.join(r.name for r in rows)}",
         flush=True,
     )
-    statuses = run_rows(rows, args, runs_dir, args.results_dir, start)
+    statuses = run_rows(rows, args, runs_dir, args.results_dir)
     md = write_markdown(args.results_dir)
     width = max(len(n) for n in statuses)
     for name, status in statuses.items():

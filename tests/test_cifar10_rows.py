@@ -1,10 +1,11 @@
-"""The CIFAR-10 rows (mpdnn.configs.cifar10, experiments/cifar10/) against docs/method.md §5, §8,
-§9.
+"""The CIFAR-10 rows (mpdnn.configs.cifar10, experiments/cifar10.py) against docs/method.md §5,
+§8, §9.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from mpdnn.configs import cifar10
 from mpdnn.training import config as cfg
 from mpdnn.training import trainer
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "cifar10"
+EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "cifar10.py"
 
 # docs/method.md §5: ResNet-20 has 268,346 quantized weights and 19 activation tensors (188,416
 # values,
@@ -61,25 +62,20 @@ def test_paper_numbers(name, paper):
     assert cifar10.ROWS[name].paper_error == paper
 
 
-def test_row_files_are_generated_from_the_registry():
-    on_disk = {p.stem for p in EXPERIMENTS.glob("*.py")}
-    assert on_disk == set(cifar10.ROWS), "run: python -m mpdnn.configs.cifar10 --write " + str(
-        EXPERIMENTS
-    )
-    for name in cifar10.ROWS:
-        assert (EXPERIMENTS / f"{name}.py").read_text() == cifar10.row_file(name), name
-
-
-def load(name: str):
-    path = EXPERIMENTS / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"cifar10_row_{name}", path)
+def load():
+    spec = importlib.util.spec_from_file_location("cifar10_experiment", EXPERIMENT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_recipe_and_modifiers():
-    c = load("t3_ours_w_amax_uniform").get_config()
+def row(name: str, protocol: str | None = None):
+    arg = f"row={name}" + (f",protocol={protocol}" if protocol else "")
+    return load().get_config(arg)
+
+
+def test_recipe_and_protocols():
+    c = row("t3_ours_w_amax_uniform")
     # docs/method.md §8: batch 128, 160 epochs, lr/10 after 80 and 120, quantized nets at lr 0.03
     # from
     # the float net; budgets 70.1 KB weights and 8.1 KB max activation, lambda 0.1.
@@ -93,20 +89,69 @@ def test_recipe_and_modifiers():
     assert (c.budget.weight_kb, c.budget.act_max_kb, c.budget.act_sum_kb) == (70.1, 8.1, None)
     assert c.budget.method == "penalty" and c.budget.recipe == "paper"
     assert cfg.strength(c, "weight_kb", 70.1) == 0.1  # the paper's λ
-    twin = load("t3_ours_w_amax_uniform_mpdnn").get_config()
+    twin = row("t3_ours_w_amax_uniform_mpdnn")
     assert twin.budget.recipe == "mpdnn" and twin.budget.act_max_kb == 8.1
-    assert load("t3_ours_w_asum_pow2").get_config().budget.act_sum_kb == 92.1
-    random = load("t1_u1_w_random").get_config()
+    assert row("t3_ours_w_asum_pow2").budget.act_sum_kb == 92.1
+    random = row("t1_u1_w_random")
     assert random.init.from_workdir is None and random.optim.learning_rate == 0.1
     assert random.quant.weights.init == "random"
-    reduced = load("float").get_config("reduced")
+    reduced = row("float", "reduced")
     assert reduced.data.max_per_class == 150 and reduced.train.batch_size == 32
-    smoke = load("float").get_config("smoke")
+    smoke = row("float", "smoke")
     assert smoke.train.max_steps == 2
-    with pytest.raises(ValueError, match="unknown modifiers"):
-        load("float").get_config("fast")
-    with pytest.raises(ValueError, match="unknown CIFAR-10 row"):
-        cifar10.row_config("t9_nothing")
+    assert row("float", "full").to_dict() == row("float").to_dict()
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        (None, "say row=<row>"),
+        ("row=t9_nothing", "unknown row 't9_nothing'"),
+        ("row=float,protocol=fast", "unknown protocol 'fast'"),
+        ("float", "unknown argument 'float'"),
+        ("row=float,seed=1", "unknown argument 'seed=1'"),
+    ],
+)
+def test_bad_arguments_are_one_line_config_errors(arg, message):
+    with pytest.raises(cfg.ConfigError, match=message) as info:
+        load().get_config(arg)
+    assert "\n" not in str(info.value)
+
+
+def test_listing_shows_paper_command_and_measured_result(tmp_path):
+    """Every row is listed with the paper's number and its command; a result record (as
+    scripts/reproduce_cifar10.py writes it) appears beside its row with its provenance."""
+    record = {
+        "row": "t3_ours_w_uniform",
+        "status": "completed",
+        "final_test_error": 0.1234,
+        "delivered_test_error": 0.1111,
+        "delivered": "best_feasible",
+        "final_sizes": {"weight_kb": 65.5, "act_max_kb": 64.0, "act_sum_kb": 736.0},
+        "wall_time_s": 198.0,
+        "provenance": {
+            "device_kind": "NVIDIA H200",
+            "date_utc": "2026-11-26T08:07",
+            "git_commit": "92354aa7",
+        },
+    }
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "cifar10" / "t3_ours_w_uniform.json").write_text(json.dumps(record))
+    lines = cifar10.listing(tmp_path).splitlines()
+    heads = [line.split()[0] for line in lines if not line.startswith(" ")]
+    assert heads == list(cifar10.ROWS)
+    at = lines.index(next(x for x in lines if x.startswith("t3_ours_w_uniform ")))
+    block = lines[at : at + 4]
+    assert block[1].split() == ["paper", "8.59", "%"]  # docs/method.md §9, Table 3
+    assert "experiments/cifar10.py:row=t3_ours_w_uniform " in block[2]
+    assert block[3].startswith("  full ")
+    for text in ("final 12.34 %", "delivered 11.11 %", "weights 65.5 KB", "198 s", "NVIDIA H200"):
+        assert text in block[3]
+    assert "2026-11-26" in block[3] and "92354aa" in block[3]
+    assert (
+        "diverges"
+        in lines[lines.index(next(x for x in lines if x.startswith("t1_p2_wa_random "))) + 1]
+    )
 
 
 def _bits(q: dict) -> int:

@@ -1,4 +1,4 @@
-"""The ImageNet rows (mpdnn.configs.imagenet, experiments/imagenet/): Table 4, our recipe."""
+"""The ImageNet rows (mpdnn.configs.imagenet, experiments/imagenet.py): Table 4, our recipe."""
 
 from __future__ import annotations
 
@@ -17,24 +17,25 @@ from mpdnn.models.convert import to_torchvision
 from mpdnn.training import config as cfg
 from mpdnn.training import trainer
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "imagenet"
+EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "imagenet.py"
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"imagenet_row_{name}", EXPERIMENTS / f"{name}.py"
-    )
+def row(name: str, protocol: str | None = None):
+    spec = importlib.util.spec_from_file_location("imagenet_experiment", EXPERIMENT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    return module.get_config(f"row={name}" + (f",protocol={protocol}" if protocol else ""))
 
 
-def test_rows_and_files():
+def test_rows_and_listing():
     assert len(imagenet.ROWS) == 10
-    assert {p.stem for p in EXPERIMENTS.glob("*.py")} == set(imagenet.ROWS)
+    listed = imagenet.listing().splitlines()
     for name in imagenet.ROWS:
-        assert (EXPERIMENTS / f"{name}.py").read_text() == imagenet.row_file(name), name
-        cfg.check(load(name).get_config())
+        cfg.check(row(name))
+        head = next(i for i, line in enumerate(listed) if line.startswith(f"{name} "))
+        assert f"experiments/imagenet.py:row={name} " in listed[head + 2]
+    with pytest.raises(cfg.ConfigError, match="unknown protocol 'reduced'"):
+        row("resnet18_float", "reduced")
     # docs/method.md §9 Table 4, typed from there.
     assert imagenet.ROWS["mobilenet_v2_ours_budget"].paper_error == 30.26
     assert imagenet.ROWS["resnet18_fixed_w4a4"].paper_error == 34.15
@@ -49,7 +50,7 @@ def test_budgets_are_the_fixed_4_bit_sizes(network, mb):
     budgets = imagenet.NETWORKS[network]["budgets_kb"]
     assert round(budgets["weight_kb"] / 1024, 2) == mb[0]
     assert round(budgets["act_max_kb"] / 1024, 2) == mb[1]
-    c = load(f"{network}_fixed_w4a4").get_config()
+    c = row(f"{network}_fixed_w4a4")
     c.init.torchvision = None
     dataset = mdata.load_dataset(
         "synthetic", image_shape=(224, 224, 3), num_classes=1000, num_train=1, num_test=1
@@ -63,16 +64,16 @@ def test_budgets_are_the_fixed_4_bit_sizes(network, mb):
 
 
 def test_lambda_scales_with_the_squared_size_ratio():
-    c = load("mobilenet_v2_ours_budget").get_config()
+    c = row("mobilenet_v2_ours_budget")
     assert c.budget.strengths.weight_kb == pytest.approx(0.1 * (70.1 / 1694.70703125) ** 2)
     assert c.budget.strengths.act_max_kb == pytest.approx(0.1 * (8.1 / 588.0) ** 2)
     assert cfg.strength(c, "weight_kb", 1694.7) == pytest.approx(1.711e-4, rel=1e-3)
-    assert load("resnet18_ours_nobudget").get_config().budget.weight_kb is None
+    assert row("resnet18_ours_nobudget").budget.weight_kb is None
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2_ours_budget", "resnet18_tqt_w4a4"])
+@pytest.mark.parametrize("name", ["mobilenet_v2_ours_budget"])  # resnet18: test_experiments
 def test_smoke(name, tmp_path):
-    config = load(name).get_config("smoke")
+    config = row(name, "smoke")
     config.train.progress = False
     result = trainer.train_and_evaluate(config, tmp_path)
     assert result.status == "completed" and result.step == 2
@@ -85,7 +86,7 @@ def test_pretrained_init_loads_torchvision_weights_before_quantizing(tmp_path):
     source = models.build("mobilenet_v2", rngs=nnx.Rngs(7), input_shape=(64, 64, 3), num_classes=10)
     path = tmp_path / "mbv2.npz"
     np.savez(path, **to_torchvision(source))
-    config = load("mobilenet_v2_ours_budget").get_config("smoke")
+    config = row("mobilenet_v2_ours_budget", "smoke")
     config.init.torchvision = str(path)
     dataset = mdata.load_dataset(
         "synthetic", image_shape=(64, 64, 3), num_classes=10, num_train=1, num_test=1

@@ -35,3 +35,28 @@ def test_readme_quick_start_is_the_two_commands_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     assert 'pip install --quiet -e ".[dev]"' in ci and "python -m mpdnn.train" in ci
     assert ci.rstrip().endswith("pytest")
+
+
+def test_every_config_the_docs_name_loads():
+    """Each ``--config FILE[:arg]`` in the README, docs/ and the experiments' docstrings names a
+    file that exists and an argument its ``get_config`` accepts (placeholders skipped)."""
+    import importlib.util
+
+    from mpdnn.training import config as cfg
+
+    root = README.parent
+    texts = [README, *root.glob("docs/*.md"), *root.glob("experiments/*.py")]
+    found = set()
+    for path in texts:
+        for m in re.finditer(r"--config[= ](\S+?\.py)(?::(\S+))?(?=[\s`\\]|$)", path.read_text()):
+            file, arg = m.group(1), m.group(2)
+            if "<" in file + (arg or "") or "{" in file + (arg or ""):
+                continue
+            found.add((file, arg))
+    assert ("experiments/cifar10.py", "row=float,protocol=smoke") in found
+    for file, arg in sorted(found, key=str):
+        assert (root / file).is_file(), file
+        spec = importlib.util.spec_from_file_location("docs_config", root / file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        cfg.check(module.get_config(arg))

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from mpdnn.configs.common import set_quantizers, two_steps
 from mpdnn.training.config import base_config
 
 WIDTHS = (16, 32, 64, 128)
@@ -171,12 +172,14 @@ def arm_config(arm: str, seed: int = 0, *, smoke: bool = False) -> ml_collection
         c.init.from_workdir = "float"
         c.train.epochs, c.optim.decay_epochs = EPOCHS, DECAYS
         c.optim.learning_rate = 0.03
-        c.quant.weights.update(spec.get("weights", {}))
-        c.quant.activations.update(spec.get("activations", {}))
+        set_quantizers(
+            c,
+            weights=spec.get("weights"),
+            activations=spec.get("activations"),
+            budgets=spec.get("budgets"),
+            recipe=spec.get("recipe", "paper"),
+        )
         c.quant.layer_rules = spec.get("layer_rules", {})
-        for size, limit in spec.get("budgets", {}).items():
-            setattr(c.budget, size, limit)
-        c.budget.recipe = spec.get("recipe", "paper")
         # The authors' selection, reported apart: the test set at every epoch end and at
         # feasible steps, at most once more an epoch (312 steps of 64).
         c.train.eval_feasible_every = 312
@@ -184,13 +187,8 @@ def arm_config(arm: str, seed: int = 0, *, smoke: bool = False) -> ml_collection
         c.data.validation_size = 100
         c.data.train_size = 100
         c.data.max_per_class = 30  # 300 train (100 held out, 100 kept) and 300 test images
-        c.train.epochs = 1
-        c.train.max_steps = 2
-        c.train.batch_size = 50  # 2 steps
-        c.train.eval_batch_size = 100
-        c.train.steps_per_call = 2
+        two_steps(c, batch_size=50, eval_batch_size=100, steps_per_call=2)
         c.train.bn_recalibration = 2
-        c.optim.decay_epochs = ()
         if arm != "float":
             c.train.eval_feasible_every = 1
     return c

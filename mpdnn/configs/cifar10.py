@@ -3,14 +3,13 @@
 One :class:`Row` per cell the paper reports for ResNet-20: Table 1's float network and its
 six parametrizations (weights only, weights and activations; random and float-net init),
 and Table 3's fixed, TQT and learned ("ours") networks, uniform and pow2. ``ROWS`` is the
-single source of truth: ``experiments/cifar10/<row>.py`` are thin files generated from it
-(``python -m mpdnn.configs.cifar10 --write experiments/cifar10``, checked by a test) and
-``scripts/reproduce_cifar10.py`` runs any of them.
+single source of truth; ``experiments/cifar10.py:row=<row>`` is its config file and
+``scripts/reproduce_cifar10.py`` runs any of its rows.
 
-Every row uses docs/method.md §8's recipe (:func:`mpdnn.training.config.base_config`): batch 128,
-160
-epochs, lr ÷ 10 after epochs 80 and 120, SGD momentum 0.9 with NNabla's update, weight decay
-2e-4 on everything, pad-4 crop and flip. Decisions where SPEC is silent, written down here:
+Every row uses docs/method.md §8's recipe (:func:`mpdnn.training.config.base_config`): batch
+128, 160 epochs, lr ÷ 10 after epochs 80 and 120, SGD momentum 0.9 with NNabla's update,
+weight decay 2e-4 on everything, pad-4 crop and flip. Decisions where the paper is silent,
+written down here:
 
 * **Float-net init** rows start from the ``float`` row's final model (``init.from_workdir =
   "float"``, beside the row's workdir) at lr 0.03 (docs/method.md §8). **Random-init** rows train
@@ -29,13 +28,14 @@ epochs, lr ÷ 10 after epochs 80 and 120, SGD momentum 0.9 with NNabla's update,
 * Checkpoints every 10 epochs (and at the end and on SIGTERM); evaluation every epoch, so
   both the final-epoch and the best-epoch error are known (the authors report the best).
 
-Modifiers (``:arg``, comma-separated):
+Protocols (``protocol=<p>`` in the config argument; :data:`PROTOCOLS`):
 
+* ``full`` (the default): docs/method.md §8's, as above.
 * ``reduced``: the protocol for any machine (docs/method.md §9's orderings on a CPU in well under an
   hour for every row): the first 150 images per class of each split (1,500 train / 1,500
   test), batch 32, the float net 25 epochs (lr ÷ 10 after 12 and 20), float-init rows 2
-  epochs, random-init rows 5 epochs (÷ 10 after 4). About 45 minutes for all 39 rows with
-  ``--jobs 2`` on a 2-core CPU (results/cifar10.md has the measured time). Batch 32
+  epochs, random-init rows 5 epochs (÷ 10 after 4). All 39 paper rows with ``--jobs 2``
+  took 56 minutes on a 2-core CPU shared with other jobs (results/cifar10.md). Batch 32
   because this CPU does a ResNet-20 image 1.8× faster at 32 than at 128, and the few
   epochs need the steps.
   Its numbers check orderings only; they are not the paper's protocol.
@@ -45,19 +45,19 @@ Modifiers (``:arg``, comma-separated):
 from __future__ import annotations
 
 import dataclasses
-import textwrap
+import json
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from mpdnn.configs import _generate
-from mpdnn.training.config import base_config
+from mpdnn.configs.common import parse_options, set_quantizers, two_steps
+from mpdnn.training.config import ConfigError, base_config
 
 WEIGHT_BUDGET_KB = 70.1  # docs/method.md §8
 ACT_MAX_BUDGET_KB = 8.1
 ACT_SUM_BUDGET_KB = 92.1
-MODIFIERS = ("reduced", "smoke")
+PROTOCOLS = ("full", "reduced", "smoke")
 
 #: Table 1's parametrizations: short name -> (family, parametrization, paper's column).
 PARAMETRIZATIONS = {
@@ -194,28 +194,28 @@ def _table3_rows() -> list[Row]:
 ROWS: dict[str, Row] = {r.name: r for r in (*_table1_rows(), *_table3_rows())}
 
 
-def row_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config of row ``name`` (see :data:`ROWS`), with ``arg``'s modifiers applied."""
+def row_config(name: str, protocol: str = "full") -> ml_collections.ConfigDict:
+    """The config of row ``name`` (see :data:`ROWS`) under ``protocol`` (:data:`PROTOCOLS`)."""
     if name not in ROWS:
-        raise ValueError(f"unknown CIFAR-10 row {name!r}; known: {', '.join(ROWS)}")
+        raise ConfigError(f"unknown CIFAR-10 row {name!r}; known: {', '.join(ROWS)}")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown CIFAR-10 protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     row = ROWS[name]
-    words = [w for w in (arg or "").split(",") if w]
-    unknown = [w for w in words if w not in MODIFIERS]
-    if unknown:
-        raise ValueError(f"unknown modifiers {unknown} for {name}; expected any of {MODIFIERS}")
     c = base_config()
     c.name = f"cifar10/{name}"
-    c.budget.recipe = row.recipe
-    c.quant.weights.update(row.weights)
-    c.quant.activations.update(row.activations)
-    for size, limit in row.budgets.items():
-        setattr(c.budget, size, limit)
+    set_quantizers(
+        c,
+        weights=row.weights,
+        activations=row.activations,
+        budgets=row.budgets,
+        recipe=row.recipe,
+    )
     if row.float_init:
         c.init.from_workdir = "float"
         c.optim.learning_rate = 0.03
     c.train.steps_per_call = 390  # one epoch per jitted call (capped at epoch ends)
     c.train.checkpoint_every_epochs = 10
-    if "reduced" in words:
+    if protocol == "reduced":
         c.data.max_per_class = 150
         c.train.batch_size = 32
         c.train.eval_batch_size = 500
@@ -226,89 +226,89 @@ def row_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
             c.train.epochs, c.optim.decay_epochs = 2, ()
         else:
             c.train.epochs, c.optim.decay_epochs = 5, (4,)
-    if "smoke" in words:
+    elif protocol == "smoke":
         c.data.max_per_class = 10
-        c.train.batch_size = 32
-        c.train.eval_batch_size = 100
-        c.train.epochs = 1
-        c.train.max_steps = 2
-        c.train.steps_per_call = 1
-        c.optim.decay_epochs = ()
+        two_steps(c, batch_size=32, eval_batch_size=100)
     return c
 
 
-# ----------------------------------------------------------------------------- row files
-
-_TEMPLATE = '''\
-r"""{headline}
-
-Paper (docs/method.md §9, Table {table}): {paper} on the original CIFAR-10. Ours runs on the lossy
-JPEG copy of ../shared/data (docs/method.md §11): compare rows with each other, not with the paper's
-absolute numbers.
-
-{settings}
-
-{with_float}    python scripts/reproduce_cifar10.py --rows {name}
-    python -m mpdnn.train --config experiments/cifar10/{name}.py \\
-        --workdir runs/cifar10/{name}
-
-``:reduced`` gives the CPU protocol, ``:smoke`` a 2-step check (mpdnn.configs.cifar10).
-Generated by ``python -m mpdnn.configs.cifar10 --write experiments/cifar10``; edit the
-registry there, not this file.
-"""
-
-from mpdnn.configs.cifar10 import row_config
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """``experiments/cifar10.py:row=<row>[,protocol=full|reduced|smoke]``."""
+    options = parse_options(
+        arg, "experiments/cifar10.py", {"row": ROWS, "protocol": PROTOCOLS}, {"protocol": "full"}
+    )
+    return row_config(options["row"], options["protocol"])
 
 
-def get_config(arg=None):
-    return row_config("{name}", arg)
-'''
-
-
-def _settings(row: Row) -> str:
-    def kind(q: dict[str, Any]) -> str:
-        if not q:
-            return "float"
-        mode = q.get("mode", "float")
-        family = q.get("family", "uniform")
-        if mode == "learned":
-            par = q.get("parametrization") or ("d_qmax" if family == "uniform" else "qmin_qmax")
-            return f"{family} {par} learned from {q.get('bits', 4)} bits"
-        return f"{family} {mode} {q.get('bits', 4)} bits"
-
-    parts = [f"weights {kind(row.weights)}", f"activations {kind(row.activations)}"]
-    if row.weights.get("init") == "random":
-        parts.append("random init (from scratch, lr 0.1)")
-    elif row.float_init:
-        parts.append("float-net init (lr 0.03)")
-    else:
-        parts.append("from scratch, lr 0.1")
-    parts += [f"budget {k} = {v} KB" for k, v in row.budgets.items()] or ["no budget"]
-    parts.append(f"budget.recipe = {row.recipe}")
-    return "; ".join(parts)
-
-
-def row_file(name: str) -> str:
-    """The text of ``experiments/cifar10/<name>.py``."""
-    row = ROWS[name]
-    settings = "\n".join(textwrap.wrap("Settings: " + _settings(row) + ".", 92))
-    return _TEMPLATE.format(
-        headline="\n".join(textwrap.wrap(f"Table {row.table}: {row.title}.", 92)),
-        table=row.table,
-        paper=row.paper_text + ("" if row.paper_error is None else " test error"),
-        settings=settings,
-        name=name,
-        with_float=(
-            "    # trains the float row first when runs/cifar10/float holds no final model\n"
-            if row.float_init
-            else ""
-        ),
+def command(name: str, protocol: str = "full") -> str:
+    """The command that trains row ``name`` on its own (the float row first, if it needs it)."""
+    arg = f"row={name}" + ("" if protocol == "full" else f",protocol={protocol}")
+    suffix = "" if protocol == "full" else f"_{protocol}"
+    return (
+        f"python -m mpdnn.train --config experiments/cifar10.py:{arg} "
+        f"--workdir runs/cifar10{suffix}/{name}"
     )
 
 
-def write_row_files(directory: Path) -> list[Path]:
-    return _generate.write_row_files(directory, ROWS, row_file)
+# ----------------------------------------------------------------------------- measured
 
 
-if __name__ == "__main__":
-    _generate.main("cifar10", ROWS, row_file)
+def load_results(results_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{"full" | "reduced": {row: record}}`` from ``results_dir/cifar10[/reduced]/*.json``,
+    the records ``scripts/reproduce_cifar10.py`` writes (command, commit, machine, date and
+    wall time in each)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {"full": {}, "reduced": {}}
+    folders = {"full": results_dir / "cifar10", "reduced": results_dir / "cifar10" / "reduced"}
+    for protocol, folder in folders.items():
+        for path in sorted(folder.glob("*.json")):
+            record = json.loads(path.read_text())
+            out[protocol][record["row"]] = record
+    return out
+
+
+def measured_text(record: dict[str, Any]) -> str:
+    """One result record in a line: errors, sizes, status, and where and when it ran."""
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{100 * x:.2f} %"
+
+    prov = record.get("provenance") or {}
+    parts = [
+        f"final {pct(record.get('final_test_error'))}",
+        f"delivered {pct(record.get('delivered_test_error'))} ({record.get('delivered')})",
+    ]
+    sizes = record.get("final_sizes") or {}
+    if sizes:
+        names = {"weight_kb": "weights", "act_max_kb": "act max", "act_sum_kb": "act sum"}
+        parts.append(", ".join(f"{names[k]} {sizes[k]:.1f} KB" for k in names if k in sizes))
+    if record.get("status") != "completed":
+        parts.append(str(record.get("status")))
+    wall = record.get("wall_time_s")
+    where = ", ".join(
+        str(x)
+        for x in (
+            f"{wall:.0f} s" if wall is not None else None,
+            prov.get("device_kind"),
+            (prov.get("date_utc") or "")[:10] or None,
+            (prov.get("git_commit") or "")[:7] or None,
+        )
+        if x
+    )
+    return "; ".join(parts) + (f" [{where}]" if where else "")
+
+
+def listing(results_dir: Path | None = None) -> str:
+    """Every row: its title, the paper's number, the command that trains it and, where
+    ``results_dir`` holds one, our measured result per protocol with its provenance."""
+    results = load_results(results_dir) if results_dir is not None else {}
+    lines = []
+    for row in ROWS.values():
+        lines += [
+            f"{row.name}  (Table {row.table}) {row.title}",
+            f"  paper    {row.paper_text}",
+            f"  command  {command(row.name)}",
+        ]
+        for protocol, records in results.items():
+            if row.name in records:
+                lines.append(f"  {protocol:<8} {measured_text(records[row.name])}")
+    return "\n".join(lines)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from mpdnn.configs.common import two_steps
 from mpdnn.training.config import base_config
 
 #: 2 bits × 14,298 weights = 3.4907 KB; the budget leaves the learned run 7% more.
@@ -67,9 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         },
     }
     if arg == "smoke":
-        c.train.max_steps = 2
-        c.train.steps_per_call = 1
-        c.train.epochs = 1
+        two_steps(c)
         for name in ("fixed", "learned"):
             c.variants[name].train.epochs = 1
     elif arg:

@@ -1,8 +1,7 @@
 """ImageNet rows of the paper's Table 4 (docs/method.md §9): ResNet-18 and MobileNetV2, as configs.
 
 Five rows per network — float, fixed 4/4, TQT 4/4, ours under a weight + max-activation
-budget, ours without a budget — generated into ``experiments/imagenet/<row>.py``
-(``python -m mpdnn.configs.imagenet --write experiments/imagenet``, checked by a test).
+budget, ours without a budget — run as ``experiments/imagenet.py:row=<row>``.
 
 **The recipe is ours**: the paper never published its ImageNet one (docs/method.md §8). What it
 states, and what we decided from it:
@@ -35,24 +34,23 @@ states, and what we decided from it:
   :func:`mpdnn.nn.set_compute_dtype`), the usual mixed precision for float ones.
 * Evaluation every epoch; checkpoints every epoch (an epoch is long).
 
-Modifiers: ``smoke`` (synthetic 64×64 images, 10 classes, batch 8, 2 steps; no pretrained
-file) checks a row end to end on any machine.
+Protocols (``protocol=<p>`` in the config argument): ``full`` (the default, as above) and
+``smoke`` (synthetic 64×64 images, 10 classes, batch 8, 2 steps; no pretrained file), which
+checks a row end to end on any machine.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import textwrap
-from pathlib import Path
 
 import ml_collections
 
-from mpdnn.configs import _generate
-from mpdnn.training.config import base_config
+from mpdnn.configs.common import parse_options, set_quantizers, two_steps
+from mpdnn.training.config import ConfigError, base_config
 
 CIFAR_LAMBDA = 0.1
 CIFAR_BUDGETS_KB = {"weight_kb": 70.1, "act_max_kb": 8.1}
-MODIFIERS = ("smoke",)
+PROTOCOLS = ("full", "smoke")
 
 #: Per network: the fixed 4/4 sizes in KB (our accounting, docs/method.md §5 units), the paper's
 #: Table 4 errors (float, fixed, TQT, ours with budget, ours without), weight decay.
@@ -120,19 +118,16 @@ def strengths(network: str) -> dict[str, float]:
     return {k: CIFAR_LAMBDA * (CIFAR_BUDGETS_KB[k] / v) ** 2 for k, v in budgets.items()}
 
 
-def row_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+def row_config(name: str, protocol: str = "full") -> ml_collections.ConfigDict:
+    """The config of row ``name`` (see :data:`ROWS`) under ``protocol`` (:data:`PROTOCOLS`)."""
     if name not in ROWS:
-        raise ValueError(f"unknown ImageNet row {name!r}; known: {', '.join(ROWS)}")
+        raise ConfigError(f"unknown ImageNet row {name!r}; known: {', '.join(ROWS)}")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown ImageNet protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     row = ROWS[name]
-    words = [w for w in (arg or "").split(",") if w]
-    unknown = [w for w in words if w not in MODIFIERS]
-    if unknown:
-        raise ValueError(f"unknown modifiers {unknown} for {name}; expected any of {MODIFIERS}")
     net = NETWORKS[row.network]
     c = base_config()
     c.name = f"imagenet/{name}"
-    # The authors' update (their λ rule); --config.budget.recipe=mpdnn for ours.
-    c.budget.recipe = "paper"
     c.model.name = row.network
     c.model.compute_dtype = "bfloat16"
     c.data.name = "imagenet"
@@ -146,87 +141,56 @@ def row_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 250
     c.train.steps_per_call = 8  # host-decoded batches: a call stacks this many
     c.train.checkpoint_every_epochs = 1
-    if row.method in ("fixed_w4a4", "tqt_w4a4"):
-        mode = row.method.split("_")[0]
-        c.quant.weights.update({"mode": mode, "bits": 4})
-        c.quant.activations.update({"mode": mode, "bits": 4})
-    elif row.method.startswith("ours"):
-        c.quant.weights.update({"mode": "learned", "bits": 4})
-        c.quant.activations.update({"mode": "learned", "bits": 4})
-        if row.method == "ours_budget":
-            for size, limit in net["budgets_kb"].items():
-                setattr(c.budget, size, limit)
+    # The authors' update (their λ rule); --config.budget.recipe=mpdnn for ours.
+    if row.method == "float":
+        set_quantizers(c)
+    else:
+        mode = "learned" if row.method.startswith("ours") else row.method.split("_")[0]
+        q = {"mode": mode, "bits": 4}
+        budgets = net["budgets_kb"] if row.method == "ours_budget" else {}
+        set_quantizers(c, weights=q, activations=q, budgets=budgets)
+        if budgets:
             c.budget.strengths = strengths(row.network)
-    if "smoke" in words:
+    if protocol == "smoke":
         c.data.name = "synthetic"
         c.data.synthetic_shape = (64, 64, 3)
         c.data.synthetic_train = 32
         c.data.synthetic_test = 16
         c.data.augment = False
         c.init.torchvision = None
-        c.train.batch_size = 8
-        c.train.eval_batch_size = 8
-        c.train.epochs = 1
-        c.train.max_steps = 2
-        c.train.steps_per_call = 1
-        c.optim.decay_epochs = ()
+        two_steps(c, batch_size=8, eval_batch_size=8)
     return c
 
 
-_TEMPLATE = '''\
-r"""{headline}
-
-Paper (docs/method.md §9, Table 4): {paper} % top-1 error, sizes (weights / max activation) {sizes}.
-The recipe is ours (the paper never published its ImageNet one): mpdnn.configs.imagenet
-says what it is and why.
-
-{settings}
-
-    python -m mpdnn.train --config experiments/imagenet/{name}.py \\
-        --workdir runs/imagenet/{name} --config.data.dir=<tfds data_dir> \\
-        --config.init.torchvision=<torchvision {network} state_dict .pth>
-
-``:smoke`` runs 2 steps on synthetic 64x64 images. Generated by
-``python -m mpdnn.configs.imagenet --write experiments/imagenet``; edit the registry there.
-"""
-
-from mpdnn.configs.imagenet import row_config
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """``experiments/imagenet.py:row=<row>[,protocol=full|smoke]``."""
+    options = parse_options(
+        arg, "experiments/imagenet.py", {"row": ROWS, "protocol": PROTOCOLS}, {"protocol": "full"}
+    )
+    return row_config(options["row"], options["protocol"])
 
 
-def get_config(arg=None):
-    return row_config("{name}", arg)
-'''
-
-
-def _settings(row: Row) -> str:
-    c = row_config(row.name)
-    parts = [f"weights {c.quant.weights.mode}", f"activations {c.quant.activations.mode}"]
-    if row.method != "float":
-        parts = [p + " from 4 bits" if "learned" in p else p + " 4 bits" for p in parts]
-    budgets = {k: getattr(c.budget, k) for k in ("weight_kb", "act_max_kb")}
-    budgets = {k: v for k, v in budgets.items() if v is not None}
-    parts += [
-        f"budget {k} = {v:g} KB (λ = {c.budget.strengths[k]:.2g})" for k, v in budgets.items()
-    ] or ["no budget"]
-    parts.append(f"{c.train.epochs} epochs, batch {c.train.batch_size}, lr {c.optim.learning_rate}")
-    return "Settings: " + "; ".join(parts) + "."
-
-
-def row_file(name: str) -> str:
-    row = ROWS[name]
-    return _TEMPLATE.format(
-        headline="\n".join(textwrap.wrap(f"Table 4: {row.title}.", 92)),
-        paper=f"{row.paper_error:.2f}",
-        sizes=row.paper_sizes,
-        settings="\n".join(textwrap.wrap(_settings(row), 92)),
-        name=name,
-        network=row.network,
+def command(name: str) -> str:
+    """The command that trains row ``name`` (the data and the pretrained file are yours)."""
+    return (
+        f"python -m mpdnn.train --config experiments/imagenet.py:row={name} "
+        f"--workdir runs/imagenet/{name} --config.data.dir=<tfds data_dir> "
+        f"--config.init.torchvision=<torchvision {ROWS[name].network} state_dict .pth>"
     )
 
 
-def write_row_files(directory: Path) -> list[Path]:
-    return _generate.write_row_files(directory, ROWS, row_file)
+def listing() -> str:
+    """Every row: its title, the paper's Table 4 numbers and the command that trains it.
 
-
-if __name__ == "__main__":
-    _generate.main("imagenet", ROWS, row_file)
+    No ImageNet row has been trained by mpdnn yet (it needs the data and an accelerator);
+    ``results/perf.md`` holds what was measured of these networks (throughput)."""
+    lines = []
+    for row in ROWS.values():
+        lines += [
+            f"{row.name}  (Table 4) {row.title}",
+            f"  paper    {row.paper_error:.2f} % top-1 error, weights / max activation "
+            f"{row.paper_sizes}",
+            f"  command  {command(row.name)}",
+            "  ours     not trained yet",
+        ]
+    return "\n".join(lines)
