@@ -13,7 +13,7 @@ same quantizer (what the paper's Fig. 3 and Table 1 compare):
   zero, unsigned activations with zero) k = b0 - 1, docs/method.md §4's formula; for any other
   configuration this keeps the initial pow2 quantizer at exactly b0 bits.
 
-Decisions where SPEC is silent: an all-zero weight tensor (e.g. a zero-initialised bias) falls
+Decisions where the paper is silent: an all-zero weight tensor (e.g. a zero-initialised bias) falls
 back to the random-init rule, since log2(0) has no step; every initial raw value is clipped
 strictly *inside* its box (a relative margin of 2**-10 from each edge), because the box passes
 no gradient on or outside its edges (docs/method.md §2), so a θ started on an edge would never
