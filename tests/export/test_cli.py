@@ -110,3 +110,28 @@ def test_module_entry_point_exit_status(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no run directory" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_a_run_of_an_older_version_gets_its_data_shape_from_its_report(run, delivered, tmp_path):
+    """Summaries written before they held ``input_shape``/``num_classes``: the shape comes
+    from report.json (its input and the last kernel's outputs); without either, one line."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from mpdnn.training import setup
+    from mpdnn.training.rundir import RunDir, RunDirError
+
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    summary = json.loads((old / "summary.json").read_text())
+    shape = (tuple(summary.pop("input_shape")), summary.pop("num_classes"))
+    (old / "summary.json").write_text(json.dumps(summary))
+    assert tuple(setup.run_data_shape(RunDir(old), summary)) == shape
+    loaded = setup.load_run_model(old).model
+    x = np.random.default_rng(0).normal(size=(2, *shape[0])).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(delivered(x)))
+    (old / "report.json").unlink()
+    with pytest.raises(RunDirError, match="neither summary.json nor report.json"):
+        setup.run_data_shape(RunDir(old), summary)
