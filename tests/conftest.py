@@ -9,8 +9,11 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
-# Strict settings, as Equinox's tests: implicit rank promotion is a bug in library code.
+# Strict settings, as Equinox's tests: implicit rank or dtype promotion is a bug in library
+# code (a bfloat16 activation silently widened, a bool mask multiplied into a float sum).
+# Schedules the tests pass in cast optax's int32 count themselves (tests/optim/cases.py).
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 # Training tests compile the same steps several times (a run, its resumption, the same config
 # on another workdir); XLA's persistent cache turns the repeats into lookups. Keyed by the

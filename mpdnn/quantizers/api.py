@@ -18,7 +18,7 @@ def _compute_dtype(dtype) -> jnp.dtype:
     """Rounding arithmetic runs in float32 (float64 when the input is float64)."""
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"quantize expects a floating-point array, got dtype {dtype}")
-    return jnp.promote_types(dtype, jnp.float32)
+    return jnp.dtype(jnp.float64 if dtype == jnp.float64 else jnp.float32)
 
 
 def _align(p: jax.Array, ndim: int) -> jax.Array:

@@ -236,7 +236,11 @@ def make_optimizer(
     o = config.optim
     recipe = cfg.recipe(config)
     boundaries = {int(e) * steps_per_epoch: o.decay_factor for e in o.decay_epochs if int(e) > 0}
-    lr = optax.piecewise_constant_schedule(o.learning_rate, boundaries)
+    piecewise = optax.piecewise_constant_schedule(o.learning_rate, boundaries)
+
+    def lr(count):  # optax compares its int32 count with floats; cast it (exact to 2^24 steps)
+        return piecewise(jnp.asarray(count, jnp.float32))
+
     try:
         return optim.budget_chain(
             accounting,

@@ -148,7 +148,7 @@ def make_steps(
         x = jax.lax.with_sharding_constraint(mdata.normalize(x, scale, offset), batch)
         logits = nnx.merge(eval_graphdef, params, rest, copy=True)(x)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return jnp.sum((jnp.argmax(logits, -1) != y) & m), jnp.sum(ce * m)
+        return jnp.sum((jnp.argmax(logits, -1) != y) & m), jnp.sum(jnp.where(m, ce, 0.0))
 
     def accumulate(total, split_i, params, rest):
         wrong, ce = eval_batch(params, rest, *split_i)

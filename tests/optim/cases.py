@@ -34,6 +34,12 @@ def node(tree, path: str):
     return tree
 
 
+def float_count(schedule):
+    """``schedule`` fed a float32 count: optax's schedules mix their int32 count with Python
+    floats, which the suite's strict dtype promotion rejects."""
+    return lambda count: schedule(jnp.asarray(count, jnp.float32))
+
+
 def zeros_like(tree):
     return jax.tree.map(jnp.zeros_like, tree)
 

@@ -23,7 +23,7 @@ from mpdnn.optim import (
     sgd_nnabla,
 )
 from mpdnn.optim.accounting import leaves_by_path
-from tests.optim.cases import CROSSED, node, random_like, with_values
+from tests.optim.cases import CROSSED, float_count, node, random_like, with_values
 
 
 def test_budget_chain_rejects_infeasible_budgets_and_runs(tiny):
@@ -68,7 +68,7 @@ def test_budget_chain_defaults_are_the_authors_update(resnet):
     docstring), update for update; the θ switches then change θ's updates only."""
     acc, params = resnet
     budgets = [Budget("weight_kb", 100.0), Budget("act_max_kb", 7.0)]
-    lr = optax.piecewise_constant_schedule(0.03, {2: 0.1})
+    lr = float_count(optax.piecewise_constant_schedule(0.03, {2: 0.1}))
     by_hand = optax.chain(
         budget_penalty(acc, budgets),
         optax.add_decayed_weights(2e-4),

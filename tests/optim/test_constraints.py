@@ -119,7 +119,9 @@ def test_penalty_is_zero_while_met_and_follows_a_schedule(tiny):
     np.testing.assert_allclose(state.violations, [TINY_W_KB - 1.0, TINY_A_KB - 1.0], rtol=1e-6)
     jax.tree.map(np.testing.assert_array_equal, updates, grads)  # exactly unchanged
 
-    tx = budget_penalty(acc, [Budget("weight_kb", 0.01, lambda count: 0.1 * (count + 1))])
+    tx = budget_penalty(
+        acc, [Budget("weight_kb", 0.01, lambda count: 0.1 * (count.astype(jnp.float32) + 1))]
+    )
     state = tx.init(params)
     update = jax.jit(tx.update)
     first, state = update(zeros_like(params), state, params)

@@ -10,10 +10,11 @@ import optax
 import pytest
 
 from mpdnn.optim import sgd_log_space, sgd_nnabla
+from tests.optim.cases import float_count
 
 
 def test_sgd_nnabla_keeps_the_learning_rate_inside_the_velocity():
-    lr = optax.piecewise_constant_schedule(0.1, {1: 0.1})  # 0.1, then 0.01
+    lr = float_count(optax.piecewise_constant_schedule(0.1, {1: 0.1}))  # 0.1, then 0.01
     p0 = jnp.array([1.0, -2.0])
     g1, g2 = jnp.array([0.5, 1.0]), jnp.array([-1.0, 2.0])
     tx = sgd_nnabla(lr, momentum=0.9)
@@ -38,7 +39,7 @@ def test_sgd_log_space_steps_log_theta():
     """v ← m·v + lr·θ·g, θ ← θ·exp(−v), written out for two steps."""
     params = {"d": jnp.array(0.25), "qmax": jnp.array([1.5, 3.0])}
     grads = {"d": jnp.array(2.0), "qmax": jnp.array([-1.0, 0.5])}
-    tx = sgd_log_space(lambda count: 0.1 / (count + 1), momentum=0.5)
+    tx = sgd_log_space(lambda count: 0.1 / (count.astype(jnp.float32) + 1), momentum=0.5)
     state = tx.init(params)
     theta = {k: np.asarray(v, np.float64) for k, v in params.items()}
     velocity = {k: np.zeros_like(v) for k, v in theta.items()}
