@@ -89,10 +89,11 @@ def select(args) -> list[Row]:
         names = [n.strip() for n in args.rows.split(",") if n.strip()]
         unknown = [n for n in names if n not in ROWS]
         if unknown:
-            raise SystemExit(
-                f"reproduce_cifar10.py: error: unknown rows {', '.join(unknown)}; "
-                "see --list (status 2)"
+            print(
+                f"reproduce_cifar10.py: error: unknown rows {', '.join(unknown)}; see --list",
+                file=sys.stderr,
             )
+            raise SystemExit(2)
         return [ROWS[n] for n in dict.fromkeys(names)]
     rows = list(ROWS.values())
     if args.table != "all":

@@ -92,9 +92,12 @@ def test_deadline_starts_nothing(rc, tmp_path, capsys):
     assert "not run (deadline)" in capsys.readouterr().out
 
 
-def test_bad_rows_are_one_line(rc):
-    with pytest.raises(SystemExit, match="unknown rows t9"):
+def test_bad_rows_are_one_line_and_status_2(rc, capsys):
+    with pytest.raises(SystemExit) as exit_:
         rc.main(["--rows", "t9"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown rows t9; see --list" in err[0]
 
 
 def test_smoke_rows_end_to_end(rc, tmp_path):

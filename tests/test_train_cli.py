@@ -44,7 +44,7 @@ def test_smoke_prints_the_table(tmp_path):
     ("flags", "message"),
     [
         (["--config.model.name=resnet99"], "model.name='resnet99' is unknown"),
-        (["--config.budget.weight_kb=-1"], "budget.weight_kb=-1.0 must be > 0 KB"),
+        (["--config.budget.weight_kb=-1"], "budget.weight_kb=-1.0 must be a finite number > 0 KB"),
         (["--config.quant.weights.family=int"], "family='int' is unknown"),
         (["--config.model.nme=x"], "no key nme"),
         (["--config", "experiments/nonexistent.py"], "No such file or directory"),

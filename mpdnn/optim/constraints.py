@@ -22,6 +22,7 @@ Whether a model meets its budgets is judged at ``L_j`` itself, margins playing n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -90,8 +91,8 @@ def check_budgets(budgets: Sequence[Budget]) -> tuple[Budget, ...]:
     for b in budgets:
         if not isinstance(b.size, str):
             raise ValueError(f"budget size must be a size name such as 'weight_kb', got {b}")
-        if not float(b.limit_kb) > 0:
-            raise OptionError("limit_kb", b.limit_kb, "> 0 KB", b.size)
+        if not 0 < float(b.limit_kb) < math.inf:
+            raise OptionError("limit_kb", b.limit_kb, "a finite number > 0 KB", b.size)
         if not callable(b.strength) and not float(b.strength) >= 0:
             raise OptionError("strength", b.strength, ">= 0", b.size)
         if not 0.0 <= float(b.margin) < 1.0:

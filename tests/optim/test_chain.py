@@ -3,6 +3,8 @@ budgets checked up front, our switches reaching θ only."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +114,9 @@ def test_budget_chain_defaults_are_the_authors_update(resnet):
         budget_chain(acc, budgets, lr, quant_update="adam")
 
 
+FINITE_KB = "a finite number > 0 KB"
+
+
 @pytest.mark.parametrize(
     ("options", "name", "value", "rule"),
     [
@@ -119,7 +124,13 @@ def test_budget_chain_defaults_are_the_authors_update(resnet):
         ({"quant_update": "adam"}, "quant_update", "adam", "'linear' or 'log'"),
         ({"quant_learning_rate_scale": 0.0}, "quant_learning_rate_scale", 0.0, "> 0"),
         ({"quant_momentum": 1.0}, "quant_momentum", 1.0, "in [0, 1)"),
-        ({"budgets": [Budget("weight_kb", -1.0)]}, "limit_kb", -1.0, "> 0 KB"),
+        ({"budgets": [Budget("weight_kb", -1.0)]}, "limit_kb", -1.0, "a finite number > 0 KB"),
+        (
+            {"budgets": [Budget("weight_kb", math.inf)]},
+            "limit_kb",
+            math.inf,
+            "a finite number > 0 KB",
+        ),
         ({"budgets": [Budget("act_max_kb", 8.0, -0.1)]}, "strength", -0.1, ">= 0"),
         ({"budgets": [Budget("weight_kb", 70.0, 0.1, 1.0)]}, "margin", 1.0, "in [0, 1)"),
     ],

@@ -310,7 +310,9 @@ def test_without_a_budget_the_mpdnn_recipe_keeps_the_papers_theta_update():
             {"weight_kb": 70.0, "strengths": {"weight_kb": -2.0}},
             "budget.strengths.weight_kb=-2.0 must be >= 0",
         ),
-        ({"act_sum_kb": -3.0}, "budget.act_sum_kb=-3.0 must be > 0 KB"),
+        ({"act_sum_kb": -3.0}, "budget.act_sum_kb=-3.0 must be a finite number > 0 KB"),
+        ({"weight_kb": float("inf")}, "budget.weight_kb=inf must be a finite number > 0 KB"),
+        ({"weight_kb": float("nan")}, "budget.weight_kb=nan must be a finite number > 0 KB"),
     ],
 )
 def test_budget_options_are_judged_by_optim_under_the_config_keys(overrides, message):
