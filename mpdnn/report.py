@@ -246,6 +246,7 @@ def parse_flags(argv: Sequence[str]) -> Flags:
 
     argv = [PROG, *argv]
     values = flags.FlagValues()
+    sys.modules.pop("config_config", None)  # as mpdnn.train: a fresh module per config file
     config = config_flags.DEFINE_config_file(
         "config",
         default=None,

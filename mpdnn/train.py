@@ -79,6 +79,9 @@ def parse_flags(argv: Sequence[str]) -> Flags:
     one line on stderr and exit status 2."""
     full = [PROG, *argv]
     values = flags.FlagValues()
+    # ml_collections loads every config file as module "config_config" and reuses a module
+    # of that name if one is loaded: a second call would see the first file's get_config.
+    sys.modules.pop("config_config", None)
     try:
         config = config_flags.DEFINE_config_file(
             "config",
@@ -132,13 +135,15 @@ def parse_flags(argv: Sequence[str]) -> Flags:
         rest = values(full)
     except flags.Error as err:
         _usage_error(_one_line(err))
+    except Exception as err:  # the config file's own code failed (syntax, get_config, ...)
+        _usage_error(f"cannot load the config: {_describe(err)}")
     if len(rest) > 1:
         _usage_error(f"unexpected arguments {' '.join(rest[1:])!r}")
     try:
         loaded = config.value
         loaded.to_dict()  # ml_collections loads lazily: fail here, not mid-run
-    except (OSError, AttributeError, KeyError, TypeError, ValueError) as err:
-        _usage_error(f"cannot load the config: {_one_line(err)}")
+    except Exception as err:  # a missing file, no get_config, an error inside it
+        _usage_error(f"cannot load the config: {_describe(err)}")
     return Flags(
         config=loaded,
         workdir=workdir.value,
@@ -148,6 +153,33 @@ def parse_flags(argv: Sequence[str]) -> Flags:
         process_id=process_id.value,
         argv=tuple(argv),
     )
+
+
+def _describe(err: BaseException) -> str:
+    """One line for an error raised while loading a config file: a syntax error with its
+    file and line, anything else as ``Type: message`` (ml_collections' wrapping removed)."""
+    if isinstance(err, SyntaxError):
+        where = f" ({Path(err.filename).name}, line {err.lineno})" if err.filename else ""
+        return f"SyntaxError: {err.msg}{where}"
+    text = _one_line(err)
+    if isinstance(err, AttributeError) and "get_config" in text:
+        return "the config file defines no get_config(arg=None)"
+    if isinstance(err, (OSError, ValueError, KeyError)) or text.startswith(type(err).__name__):
+        return text
+    return f"{type(err).__name__}: {text}"
+
+
+def _check_workdir(path: Path) -> None:
+    """A workdir that cannot be made or written (a file, under a file, read-only) is bad
+    input: one line now, not a traceback at the first checkpoint."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        _usage_error(f"--workdir {path}: cannot write there: {err.strerror or err}")
 
 
 def _key(err: BaseException) -> str:
@@ -308,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         runs = cfg.variants(config)
         for run in runs.values():
             cfg.check(run)
+        _check_workdir(workdir)
         for name, run in runs.items():
             run_dir = workdir / name if name else workdir
             print(f"== {run.name}: {run_dir}", file=sys.stderr, flush=True)

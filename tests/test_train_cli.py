@@ -82,3 +82,35 @@ def test_main_runs_in_process_twice(tmp_path, capsys, monkeypatch):
         assert (tmp_path / name / "table.json").is_file()
     table = json.loads((tmp_path / "b" / "table.json").read_text())
     assert table["provenance"]["command"].endswith(f"--workdir {tmp_path / 'b'}")
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("def get_config(:\n", "SyntaxError: invalid syntax (bad.py, line 1)"),
+        ("x = 1\x00\n", "SyntaxError: source code string cannot contain null bytes"),
+        ("x = 1\n", "the config file defines no get_config(arg=None)"),
+        ("def get_config():\n    raise RuntimeError('boom')\n", "RuntimeError: boom"),
+    ],
+)
+def test_a_config_file_that_fails_to_load_is_one_line(tmp_path, capsys, source, message):
+    config = tmp_path / "bad.py"
+    config.write_text(source)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--config", str(config), "--workdir", str(tmp_path / "w")])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch, where):
+    monkeypatch.chdir(REPO)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    workdir = blocker if where == "a file" else blocker / "run"
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--config", "experiments/digits.py:smoke", "--workdir", str(workdir)])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"--workdir {workdir}: cannot write there" in lines[0], lines
