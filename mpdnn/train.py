@@ -250,6 +250,16 @@ def _usage_error(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def overridden_keys(argv: Sequence[str]) -> list[str]:
+    """The dotted config keys ``argv`` sets with ``--config.<key>=value`` (or ``<key> value``)."""
+    keys = []
+    for arg in argv:
+        for prefix in ("--config.", "-config."):
+            if arg.startswith(prefix):
+                keys.append(arg[len(prefix) :].split("=", 1)[0])
+    return keys
+
+
 def command(argv: Sequence[str]) -> str:
     """This invocation as a user would type it (``argv`` without the program name)."""
     import shlex
@@ -337,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     results = {}
     try:
-        runs = cfg.variants(config)
+        runs = cfg.variants(config, pinned=overridden_keys(argv))
         for run in runs.values():
             cfg.check(run)
         _check_workdir(workdir)

@@ -114,3 +114,38 @@ def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypa
     assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"--workdir {workdir}: cannot write there" in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    ("flag", "budgets"),
+    [  # for every variant (float's 55.8 KB fits 60), or for the one variant
+        ("--config.budget.weight_kb=60.0", {"float": 60.0, "learned": 60.0}),
+        ("--config.variants.learned.budget.weight_kb=5.0", {"float": None, "learned": 5.0}),
+    ],
+)
+def test_the_command_line_wins_over_a_variants_own_setting(
+    tmp_path, capsys, monkeypatch, flag, budgets
+):
+    """digits' ``learned`` variant sets its own 3.75 KB budget; a command-line budget is the
+    one it trains under."""
+    monkeypatch.chdir(REPO)
+    argv = ["--config", "experiments/digits.py:smoke", "--config.run_variants=float,learned"]
+    try:
+        train.main([*argv, flag, "--workdir", str(tmp_path)])
+    except SystemExit as exit_:
+        assert exit_.code == 3, capsys.readouterr().err  # 5 KB: two steps do not get there
+    for name, limit in budgets.items():
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["budgets"] == ({"weight_kb": limit} if limit else {}), name
+
+
+def test_pinned_keys_override_every_variant():
+    from mpdnn.configs import digits
+    from mpdnn.training import config as cfg
+
+    config = digits.get_config()
+    config.optim.learning_rate = 0.5
+    runs = cfg.variants(config, pinned=["optim.learning_rate"])
+    assert {n: r.optim.learning_rate for n, r in runs.items()} == dict.fromkeys(runs, 0.5)
+    plain = cfg.variants(config)
+    assert plain["fixed"].optim.learning_rate == 0.03 and plain["float"].optim.learning_rate == 0.5

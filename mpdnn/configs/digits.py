@@ -18,6 +18,10 @@ budget and is at least as accurate as the fixed one, both a little below float.
     python -m mpdnn.train                               # all three, about a minute on a CPU
     python -m mpdnn.train --config mpdnn/configs/digits.py:smoke --workdir /tmp/d
     python -m mpdnn.train --config.run_variants=learned --config.budget.weight_kb=4
+
+The last reruns only ``learned`` (from ``runs/digits/float``) under a 4 KB budget: a
+``--config.<key>`` on the command line wins over what a variant sets, for every variant run;
+``--config.variants.learned.budget.weight_kb=4`` changes that variant alone.
 """
 
 from __future__ import annotations

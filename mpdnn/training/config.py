@@ -24,6 +24,8 @@ Decisions where the paper is silent (written down here, as the brief asks):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -504,13 +506,34 @@ def check(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _get_path(config: ml_collections.ConfigDict, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _set_path(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
 def _variant_names(config: ml_collections.ConfigDict) -> list[str]:
     return [n.strip() for n in config.run_variants.split(",") if n.strip()]
 
 
-def variants(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+def variants(
+    config: ml_collections.ConfigDict, pinned: Sequence[str] = ()
+) -> dict[str, ml_collections.ConfigDict]:
     """``{name: config}`` of every run a config asks for: its variants (each the base with
     the variant's overrides merged in), or the config itself as ``{"": config}``.
+
+    ``pinned``: dotted keys whose value in ``config`` wins over every variant's, the keys a
+    command line set (``--config.budget.weight_kb=4`` reaches the variants that set their
+    own budget too). One variant alone: ``--config.variants.<name>.<key>=``.
 
     Variants run in name order, except that a variant whose ``init.from_workdir`` names
     another variant runs after it (``ConfigDict`` keeps no insertion order).
@@ -528,6 +551,9 @@ def variants(config: ml_collections.ConfigDict) -> dict[str, ml_collections.Conf
             run.update(overrides)
         except (KeyError, AttributeError, TypeError) as err:
             _fail(f"variant {name!r} overrides a key the config lacks: {err}")
+        for key in pinned:
+            if not key.startswith(("variants", "run_variants")):
+                _set_path(run, key, _get_path(config, key))
         run.name = f"{config.name}/{name}"
         runs[name] = run
     ordered: dict[str, ml_collections.ConfigDict] = {}
