@@ -37,7 +37,8 @@ collectives are JAX's default ``gloo`` (``jax_cpu_collectives_implementation``);
 
 Exit status: 0 done; 1 training failed (e.g. a non-finite loss: the last good checkpoint is
 kept); 2 bad input (one line on stderr); 3 a run with budgets ended with no evaluation that
-met them all (no deliverable model); 143 stopped by SIGTERM after checkpointing.
+met them all (no deliverable model); 143 stopped by SIGTERM, 130 by Ctrl-C (SIGINT), after
+checkpointing: rerun the same command to resume.
 """
 
 from __future__ import annotations
@@ -302,10 +303,25 @@ def write_table(workdir: Path, config, results: dict, table: str, command_line: 
     )
 
 
-def _on_sigterm(signum, frame) -> None:
+_STOP_SIGNALS: list[int] = []  # the signals that asked this process to stop
+
+
+def _on_stop_signal(signum, frame) -> None:
+    """SIGTERM and Ctrl-C alike: checkpoint after the current call and stop. A second
+    Ctrl-C aborts at once (the last checkpoint stays)."""
     from mpdnn.training.trainer import STOP_REQUESTED
 
+    if signum == signal.SIGINT and signal.SIGINT in _STOP_SIGNALS:
+        raise KeyboardInterrupt
+    _STOP_SIGNALS.append(signum)
     STOP_REQUESTED.set()
+    if signum == signal.SIGINT:
+        print(
+            "\nmpdnn.train: stopping after the current step with a checkpoint "
+            "(Ctrl-C again aborts)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _initialize_distributed(args: Flags) -> None:
@@ -337,14 +353,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mpdnn.data import DataError
     from mpdnn.training import config as cfg
     from mpdnn.training.checkpoint import CheckpointError
-    from mpdnn.training.trainer import TrainingError, train_and_evaluate
+    from mpdnn.training.trainer import STOP_REQUESTED, TrainingError, train_and_evaluate
 
     args = parse_flags(argv)
     config = args.config
     _initialize_distributed(args)
     workdir = Path(args.workdir or Path("runs") / config.name)
     command_line = command(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    STOP_REQUESTED.clear()
+    _STOP_SIGNALS.clear()
+    previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     results = {}
     try:
         runs = cfg.variants(config, pinned=overridden_keys(argv))
@@ -357,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             results[name] = result = train_and_evaluate(run, run_dir, command=command_line)
             if result.status == "stopped":
                 print(f"stopped at step {result.step}; rerun the same command to resume")
-                sys.exit(143)
+                sys.exit(130 if signal.SIGINT in _STOP_SIGNALS else 143)
     except (cfg.ConfigError, DataError) as err:
         print(f"mpdnn.train: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -365,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"mpdnn.train: training failed: {err}", file=sys.stderr)
         sys.exit(1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     table = format_table(results)
     print()
     print(table)

@@ -149,3 +149,31 @@ def test_pinned_keys_override_every_variant():
     assert {n: r.optim.learning_rate for n, r in runs.items()} == dict.fromkeys(runs, 0.5)
     plain = cfg.variants(config)
     assert plain["fixed"].optim.learning_rate == 0.03 and plain["float"].optim.learning_rate == 0.5
+
+
+def test_ctrl_c_checkpoints_and_stops_like_sigterm(tmp_path):
+    """SIGINT (Ctrl-C): a checkpoint, exit 130 and a one-line note; the rerun resumes."""
+    import signal
+    import time
+
+    args = ["--config", "experiments/digits.py", "--config.run_variants=float"]
+    args += ["--config.train.progress=false", "--workdir", str(tmp_path)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpdnn.train", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "float" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and '"train"' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "stopping after the current step" in err
+    summary = json.loads((tmp_path / "float" / "summary.json").read_text())
+    assert summary["status"] == "stopped"
+    assert any((tmp_path / "float" / "checkpoints").iterdir())
