@@ -11,12 +11,23 @@ pow2 networks). :func:`load` reads it back.
 File format (all numbers little-endian; docs/export.md has the same with an example)::
 
     offset        size          content
-    0             32            fixed header: magic b"MPDNNMPQ", u32 version (1),
-                                u32 table_bytes, u64 payload_bytes, u64 float_bytes
-    32            table_bytes   tensor table: UTF-8 JSON (model, weights, activations,
+    0             40            fixed header: magic b"MPDNNMPQ", u32 version (2),
+                                u32 table_bytes, u64 payload_bytes, u64 float_bytes,
+                                u32 table_crc32, u32 header_crc32 (of bytes 0..36)
+    40            table_bytes   tensor table: UTF-8 JSON (model, weights, activations,
                                 batch_norms, floats, accounting, run)
-    32+table      payload_bytes weight payload: ONE bitstream of every weight tensor's codes
+    40+table      payload_bytes weight payload: ONE bitstream of every weight tensor's codes
     ...           float_bytes   float section: float32 arrays, at the table's byte offsets
+
+Integrity (version 2): CRC-32 (zlib's) of the fixed header and of the table in the fixed
+header, and in the table one per weight tensor (``crc32``: of its codes, each zero-extended
+to a little-endian u64) and per float array (``crc32``: of its bytes); the weights and the
+float arrays tile the payload and the float section, and the payload's padding bits are
+zero, so every byte of the file is checked. :func:`load` refuses a file that fails a check
+in one line naming the region, and a table that lacks a field or holds a bad one (a bitwidth
+outside ``[1, MAX_BITS]``...) in one line naming field and tensor. Version 1 (the same
+without the two header CRC-32 fields, a 32-byte fixed header, and without ``crc32`` in the
+table) still loads, unchecked.
 
 The header (fixed part + table) is reported apart from the payload. The **payload** holds
 the tensors in the table's order (forward order, as docs/method.md §5's accounting counts
@@ -40,6 +51,7 @@ import functools
 import json
 import math
 import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,10 +78,32 @@ from mpdnn.optim.accounting import KB, counted_tensors
 from mpdnn.optim.memory import memory
 
 MAGIC = b"MPDNNMPQ"
-VERSION = 1
-_FIXED = struct.Struct("<8sIIQQ")
+#: The version :func:`write` writes. 2 added the CRC-32 checks; 1 (no checks) still loads.
+VERSION = 2
+#: The versions :func:`load` reads.
+READABLE_VERSIONS = (1, 2)
+#: The widest field of the payload: every code fits 32 bits (float32 weights are 32).
+MAX_BITS = FLOAT_BITS
+#: Fixed header (version 2): magic, version, table_bytes, payload_bytes, float_bytes,
+#: table_crc32 (of the table bytes), header_crc32 (of the 36 bytes before it).
+_FIXED = struct.Struct("<8sIIQQII")
+#: Version 1's fixed header: the same without the two CRC-32 fields.
+_FIXED_V1 = struct.Struct("<8sIIQQ")
 #: Size of the fixed header; the JSON table follows it.
-FIXED_HEADER_BYTES = _FIXED.size  # 32
+FIXED_HEADER_BYTES = _FIXED.size  # 40
+_WEIGHT_ENCODINGS = ("uniform", "pow2", "float32")
+
+
+def _crc32(data: bytes) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def _codes_crc32(codes: np.ndarray, bits: int) -> int:
+    """CRC-32 of a weight tensor's codes, each its ``bits``-wide field zero-extended to a
+    little-endian u64 (independent of where the tensor starts in the bitstream)."""
+    mask = np.uint64((1 << bits) - 1)
+    fields = np.asarray(codes, np.uint64).reshape(-1) & mask
+    return _crc32(fields.astype("<u8").tobytes())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -82,6 +116,7 @@ class ExportedModel:
       activations: ``{site: ActivationQuantizer}`` in forward order.
       floats: ``{name: float32 array}`` (BatchNorm tensors, logit scale).
       header_bytes: fixed header + table; payload_bytes, payload_bits, float_bytes: sizes.
+      version: the file's format version (1 has no CRC-32s, so nothing was checked).
     """
 
     table: dict[str, Any]
@@ -92,6 +127,7 @@ class ExportedModel:
     payload_bytes: int
     payload_bits: int
     float_bytes: int
+    version: int = VERSION
 
     @property
     def file_bytes(self) -> int:
@@ -109,18 +145,35 @@ def write(
     """Write an ``.mpq`` file; returns its section sizes in bytes (and the payload bits).
 
     ``activations`` are table entries (as :func:`export_model` builds them); ``meta`` is
-    merged into the table (model description, run, accounting...).
+    merged into the table (model description, run, accounting...). Every weight tensor and
+    float array gets a CRC-32 in the table, the table one in the fixed header. A table that
+    :func:`load` would refuse (a bitwidth outside ``[1, MAX_BITS]``, a missing field) raises
+    :class:`ExportError` before anything is written.
     """
+    for i, w in enumerate(weights):  # before packing: a field wider than MAX_BITS overflows
+        try:
+            _check_bits({"bits": w.bits}, _where("weights", i, w.name))
+        except _TableError as err:
+            raise ExportError(f"cannot write {path}: {err}") from None
     payload, nbits = pack_bits([(w.codes, w.bits) for w in weights])
     entries, offset = [], 0
     for w in weights:
-        entries.append({**w.info, "bit_offset": offset})
+        crc = _codes_crc32(w.codes, w.bits)
+        entries.append({**w.info, "bit_offset": offset, "crc32": crc})
         offset += w.numel * w.bits
     float_entries, blobs, byte_offset = [], [], 0
     for name, value in (floats or {}).items():
         arr = np.ascontiguousarray(np.asarray(value, np.float32))
-        float_entries.append({"name": name, "shape": list(arr.shape), "byte_offset": byte_offset})
-        blobs.append(arr.astype("<f4").tobytes())
+        blob = arr.astype("<f4").tobytes()
+        float_entries.append(
+            {
+                "name": name,
+                "shape": list(arr.shape),
+                "byte_offset": byte_offset,
+                "crc32": _crc32(blob),
+            }
+        )
+        blobs.append(blob)
         byte_offset += arr.nbytes
     float_section = b"".join(blobs)
     table = {
@@ -130,8 +183,15 @@ def write(
         "activations": list(activations),
         "floats": float_entries,
     }
+    try:
+        _check_table(table, VERSION, len(payload), len(float_section))
+    except _TableError as err:
+        raise ExportError(f"cannot write {path}: {err}") from None
     table_bytes = json.dumps(table, allow_nan=False, separators=(",", ":")).encode()
-    header = _FIXED.pack(MAGIC, VERSION, len(table_bytes), len(payload), len(float_section))
+    head = _FIXED.pack(
+        MAGIC, VERSION, len(table_bytes), len(payload), len(float_section), _crc32(table_bytes), 0
+    )
+    header = head[:-4] + struct.pack("<I", _crc32(head[:-4]))
     Path(path).write_bytes(header + table_bytes + payload + float_section)
     return {
         "header_bytes": len(header) + len(table_bytes),
@@ -145,40 +205,88 @@ def write(
 
 
 def load(path: str | Path) -> ExportedModel:
-    """Read an ``.mpq`` file: the integers, steps, bits and float tensors, decoded."""
+    """Read an ``.mpq`` file: the integers, steps, bits and float tensors, decoded.
+
+    Every failure is one line of :class:`ExportError` (a ``ValueError``): not an ``.mpq``
+    file, an unknown version, a truncated file, a region that fails its CRC-32 ("corrupt",
+    naming the fixed header, the table, or the weight tensor or float array), or a table
+    that lacks a field or holds a bad one (naming the field and the tensor). Version 1
+    files (no checksums) load with every check but the CRC-32s.
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as err:
         raise ExportError(f"cannot read {path}: {err.strerror or err}") from None
-    if len(data) < FIXED_HEADER_BYTES or data[:8] != MAGIC:
+    if len(data) < 12 or data[:8] != MAGIC:
         raise ExportError(f"{path} is not an mpdnn export (.mpq): bad magic")
-    magic, version, table_len, payload_len, float_len = _FIXED.unpack_from(data)
-    if version != VERSION:
-        raise ExportError(f"{path}: format version {version}, this reader knows {VERSION}")
-    end_table = FIXED_HEADER_BYTES + table_len
+    (version,) = struct.unpack_from("<I", data, 8)
+    if version not in READABLE_VERSIONS:
+        known = " and ".join(str(v) for v in READABLE_VERSIONS)
+        raise ExportError(
+            f"{path}: .mpq format version {version}; this mpdnn reads versions {known}"
+        )
+    fixed = _FIXED if version >= 2 else _FIXED_V1
+    if len(data) < fixed.size:
+        raise ExportError(f"{path} is truncated: {len(data)} bytes, shorter than its header")
+    fields = fixed.unpack_from(data)
+    table_len, payload_len, float_len = fields[2:5]
+    if version >= 2:
+        table_crc, header_crc = fields[5:7]
+        if _crc32(data[: fixed.size - 4]) != header_crc:
+            raise ExportError(f"{path} is corrupt: the fixed header fails its CRC-32 check")
+    end_table = fixed.size + table_len
     if len(data) != end_table + payload_len + float_len:
         raise ExportError(f"{path} is truncated or has trailing bytes")
+    table_data = data[fixed.size : end_table]
+    if version >= 2 and _crc32(table_data) != table_crc:
+        raise ExportError(f"{path} is corrupt: the tensor table fails its CRC-32 check")
     try:
-        table = json.loads(data[FIXED_HEADER_BYTES:end_table])
+        table = json.loads(table_data)
     except ValueError as err:
-        raise ExportError(f"{path}: the tensor table is not valid JSON ({err})") from None
+        reason = str(err).splitlines()[0]
+        raise ExportError(f"{path}: the tensor table is not valid JSON ({reason})") from None
+    try:
+        _check_table(table, version, payload_len, float_len)
+    except _TableError as err:
+        raise ExportError(f"{path}: bad tensor table: {err}") from None
     payload = data[end_table : end_table + payload_len]
     float_section = data[end_table + payload_len :]
     weights = {}
     for entry in table["weights"]:
-        codes = unpack_bits(payload, entry["bit_offset"], entry["numel"], entry["bits"])
+        bits = entry["bits"]
+        codes = unpack_bits(payload, entry["bit_offset"], entry["numel"], bits)
+        if version >= 2 and _codes_crc32(codes, bits) != entry["crc32"]:
+            raise ExportError(
+                f"{path} is corrupt: the payload of weight tensor {entry['name']!r} "
+                "fails its CRC-32 check"
+            )
         weights[entry["name"]] = _decode_weight(entry, codes)
+    nbits = table["format"]["payload_bits"]
+    if version >= 2 and nbits % 8 and payload[-1] >> (nbits % 8):
+        raise ExportError(f"{path} is corrupt: the payload's padding bits are not zero")
     floats = {}
     for entry in table["floats"]:
         count = math.prod(entry["shape"])
-        arr = np.frombuffer(float_section, "<f4", count, entry["byte_offset"])
-        floats[entry["name"]] = arr.astype(np.float32).reshape(entry["shape"])
-    activations = {
-        e["site"]: ActivationQuantizer.from_entry(e)
-        for e in table["activations"]
-        if e["spec"] is not None
-    }
+        start = entry["byte_offset"]
+        blob = float_section[start : start + 4 * count]
+        if version >= 2 and _crc32(blob) != entry["crc32"]:
+            raise ExportError(
+                f"{path} is corrupt: float array {entry['name']!r} fails its CRC-32 check"
+            )
+        floats[entry["name"]] = (
+            np.frombuffer(blob, "<f4").astype(np.float32).reshape(entry["shape"])
+        )
+    activations = {}
+    for i, entry in enumerate(table["activations"]):
+        if entry["spec"] is None:
+            continue
+        try:
+            activations[entry["site"]] = ActivationQuantizer.from_entry(entry)
+        except (KeyError, TypeError, ValueError) as err:
+            where = _where("activations", i, entry.get("site"))
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ExportError(f"{path}: bad tensor table: {where}: {reason}") from None
     return ExportedModel(
         table=table,
         weights=weights,
@@ -186,9 +294,168 @@ def load(path: str | Path) -> ExportedModel:
         floats=floats,
         header_bytes=end_table,
         payload_bytes=payload_len,
-        payload_bits=int(table["format"]["payload_bits"]),
+        payload_bits=nbits,
         float_bytes=float_len,
+        version=version,
     )
+
+
+# ----------------------------------------------------------------------------------------
+# The table's schema: what load() needs of it, checked before anything is decoded.
+
+
+class _TableError(Exception):
+    """A table that lacks a field or holds a bad one; the message names field and tensor."""
+
+
+def _where(section: str, index: int, name: Any) -> str:
+    return f"{section}[{index}]" + (f" {name!r}" if isinstance(name, str) else "")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field(entry: Mapping[str, Any], key: str, where: str, kind: str) -> Any:
+    """``entry[key]``, checked to be of ``kind``: int, uint32, count, str, bool, number,
+    shape (list of counts), dict or list."""
+    if key not in entry:
+        raise _TableError(f"{where}: missing field {key!r}")
+    value = entry[key]
+    ok = {
+        "int": _is_int(value),
+        "count": _is_int(value) and value >= 0,
+        "uint32": _is_int(value) and 0 <= value < 2**32,
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "number": isinstance(value, int | float) and not isinstance(value, bool),
+        "shape": isinstance(value, list) and all(_is_int(n) and n >= 0 for n in value),
+        "dict": isinstance(value, dict),
+        "list": isinstance(value, list),
+    }[kind]
+    if not ok:
+        described = {
+            "count": "a non-negative integer",
+            "uint32": "an unsigned 32-bit integer",
+            "shape": "a list of non-negative integers",
+            "int": "an integer",
+            "str": "a string",
+            "bool": "true or false",
+            "number": "a number",
+            "dict": "an object",
+            "list": "a list",
+        }[kind]
+        raise _TableError(f"{where}: field {key!r} is {json.dumps(value)[:40]}, not {described}")
+    return value
+
+
+def _check_bits(entry: Mapping[str, Any], where: str, *, float_bits: bool = False) -> int:
+    bits = _field(entry, "bits", where, "int")
+    if not 1 <= bits <= MAX_BITS or (float_bits and bits != FLOAT_BITS):
+        allowed = f"{FLOAT_BITS} (float32)" if float_bits else f"an integer in [1, {MAX_BITS}]"
+        raise _TableError(f"{where}: field 'bits' is {bits}, not {allowed}")
+    return bits
+
+
+def _check_table(table: Any, version: int, payload_bytes: int, float_bytes: int) -> None:
+    """Raise :class:`_TableError` unless ``table`` has every field :func:`load` reads, of the
+    right type, and its weights and floats tile the payload and the float section exactly
+    (so that the CRC-32s of a version-2 file cover every byte)."""
+    if not isinstance(table, dict):
+        raise _TableError(f"the table is a JSON {type(table).__name__}, not an object")
+    fmt = _field(table, "format", "format", "dict")
+    if _field(fmt, "version", "format", "int") != version:
+        raise _TableError(f"format: field 'version' is {fmt['version']}, the header's {version}")
+    payload_bits = _field(fmt, "payload_bits", "format", "count")
+    for section in ("weights", "activations", "floats"):
+        for i, entry in enumerate(_field(table, section, section, "list")):
+            if not isinstance(entry, dict):
+                raise _TableError(f"{section}[{i}] is {json.dumps(entry)[:40]}, not an object")
+    names, offset = set(), 0
+    for i, entry in enumerate(table["weights"]):
+        where = _where("weights", i, entry.get("name"))
+        name = _field(entry, "name", where, "str")
+        if name in names:
+            raise _TableError(f"{where}: a second weight tensor of that name")
+        names.add(name)
+        shape = _field(entry, "shape", where, "shape")
+        numel = _field(entry, "numel", where, "count")
+        if numel != math.prod(shape):
+            raise _TableError(f"{where}: field 'numel' is {numel}, not prod(shape {shape})")
+        encoding = _field(entry, "encoding", where, "str")
+        if encoding not in _WEIGHT_ENCODINGS:
+            raise _TableError(
+                f"{where}: field 'encoding' is {encoding!r}, not one of {_WEIGHT_ENCODINGS}"
+            )
+        bits = _check_bits(entry, where, float_bits=encoding == "float32")
+        if encoding == "uniform":
+            _field(entry, "signed", where, "bool")
+            _field(entry, "step_exponent", where, "int")
+        elif encoding == "pow2":
+            emin = _field(entry, "qmin_exponent", where, "int")
+            emax = _field(entry, "qmax_exponent", where, "int")
+            if not 0 <= emax - emin < 2 ** (bits - 1):
+                raise _TableError(
+                    f"{where}: exponents [{emin}, {emax}] are not 1 to {2 ** (bits - 1)} "
+                    f"magnitudes of {bits} bits"
+                )
+        if _field(entry, "bit_offset", where, "count") != offset:
+            raise _TableError(
+                f"{where}: field 'bit_offset' is {entry['bit_offset']}, not {offset} (the "
+                "tensors before it end there)"
+            )
+        if version >= 2:
+            _field(entry, "crc32", where, "uint32")
+        offset += numel * bits
+    if offset != payload_bits:
+        raise _TableError(
+            f"format: field 'payload_bits' is {payload_bits}, the weights hold {offset}"
+        )
+    if -(-payload_bits // 8) != payload_bytes:
+        raise _TableError(
+            f"format: {payload_bits} payload bits do not fill the header's {payload_bytes} "
+            "payload bytes"
+        )
+    names, offset = set(), 0
+    for i, entry in enumerate(table["floats"]):
+        where = _where("floats", i, entry.get("name"))
+        name = _field(entry, "name", where, "str")
+        if name in names:
+            raise _TableError(f"{where}: a second float array of that name")
+        names.add(name)
+        shape = _field(entry, "shape", where, "shape")
+        if _field(entry, "byte_offset", where, "count") != offset:
+            raise _TableError(
+                f"{where}: field 'byte_offset' is {entry['byte_offset']}, not {offset} (the "
+                "arrays before it end there)"
+            )
+        if version >= 2:
+            _field(entry, "crc32", where, "uint32")
+        offset += 4 * math.prod(shape)
+    if offset != float_bytes:
+        raise _TableError(
+            f"floats: the arrays hold {offset} bytes, the header's float section {float_bytes}"
+        )
+    sites = set()
+    for i, entry in enumerate(table["activations"]):
+        where = _where("activations", i, entry.get("site"))
+        site = _field(entry, "site", where, "str")
+        if site in sites:
+            raise _TableError(f"{where}: a second activation site of that name")
+        sites.add(site)
+        if "spec" not in entry:
+            raise _TableError(f"{where}: missing field 'spec'")
+        if entry["spec"] is None:
+            _check_bits(entry, where, float_bits=True)
+            continue
+        _field(entry, "spec", where, "dict")
+        _field(entry, "shape", where, "shape")
+        _field(entry, "theta", where, "dict")
+        _check_bits(entry, where)
+        _field(entry, "step_exponent", where, "int")
+        _field(entry, "qmax", where, "number")
+        if entry.get("qmin") is not None:
+            _field(entry, "qmin", where, "number")
 
 
 # ----------------------------------------------------------------------------------------
