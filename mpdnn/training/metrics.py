@@ -34,10 +34,19 @@ class MetricsWriter:
     """Appends records to a run's ``metrics.jsonl`` and scalars to its TensorBoard events
     (:class:`~mpdnn.training.rundir.RunDir` says where).
 
-    ``enabled=False`` (every process but 0) makes every method a no-op.
+    ``enabled=False`` (every process but 0) makes every method a no-op. ``resume_step``: the
+    step a run restarts from; the records after it (written before a crash or stop, and
+    about to be written again) are dropped from both, so that readers see each step once.
     """
 
-    def __init__(self, run: RunDir, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        run: RunDir,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ):
         from tensorboardX import SummaryWriter
 
         self.enabled = enabled
@@ -45,9 +54,13 @@ class MetricsWriter:
         if not enabled:
             return
         run.path.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            run.truncate_metrics(resume_step)
         self._file = open(run.metrics_file, "a", buffering=1)  # noqa: SIM115
         if tensorboard:
-            self._tb = SummaryWriter(str(run.tensorboard))
+            # purge_step: TensorBoard hides the events at and after it from earlier writers.
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(str(run.tensorboard), purge_step=purge)
 
     def write(self, kind: str, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:

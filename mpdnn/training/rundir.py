@@ -262,6 +262,29 @@ class RunDir:
                 records.append(record)
         return records
 
+    def truncate_metrics(self, step: int) -> int:
+        """Keep the records of ``metrics.jsonl`` up to ``step`` (the step a run resumes
+        from: it writes the later ones again) and drop a torn last line; returns how many
+        records went. Rewritten whole or not at all."""
+        if not self.metrics_file.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                dropped += bool(line.strip())
+                continue
+            if int(record.get("step", 0)) <= step:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            tmp = self.metrics_file.with_name(self.metrics_file.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.metrics_file)
+        return dropped
+
     # table.json / table.md (a directory of variants) -------------------------------------
 
     def write_table(self, record: Mapping[str, Any], markdown: str) -> None:

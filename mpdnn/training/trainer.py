@@ -195,7 +195,7 @@ def _train_and_evaluate(config, run: RunDir, should_stop, command: str) -> RunRe
         meta.setdefault("authors", None)
     step = int(local(state["step"]))
 
-    writer = MetricsWriter(run, enabled=chief)
+    writer = MetricsWriter(run, enabled=chief, resume_step=step)
     progress = Progress(
         plan.total_steps, step, enabled=chief, desc=config.name, bar=config.train.progress
     )

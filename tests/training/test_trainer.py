@@ -63,6 +63,11 @@ def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path):
     # Stops at the first call boundary at or after step 3 (2 steps per call).
     assert stopped.status == "stopped" and stopped.step == 4
     assert not (tmp_path / "split" / "final").exists()
+    # What a kill -9 after the step-4 checkpoint leaves: records of steps the resumed run
+    # trains again, and a line cut short.
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "step": 6, "time": 0, "loss": 1.0}\n')
+        f.write('{"type": "eval", "step": 6, "time": 0, "test_error": 0.5}\n{"type": "tr')
     resumed = train_and_evaluate(config, tmp_path / "split")
     assert resumed.status == "completed" and resumed.step == 8
 
@@ -78,6 +83,10 @@ def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path):
     lines = [json.loads(s) for s in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lines if r["type"] == "train"]
     assert steps == [2, 4, 6, 8]  # nothing trained twice, nothing skipped
+    whole_lines = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    assert [(r["type"], r["step"]) for r in lines] == [
+        (r["type"], r["step"]) for r in map(json.loads, whole_lines)
+    ]  # every record once, as in the uninterrupted run
 
 
 def test_outputs_and_verdicts(tmp_path):
