@@ -218,8 +218,10 @@ def load(path: str | Path) -> ExportedModel:
         data = path.read_bytes()
     except OSError as err:
         raise ExportError(f"cannot read {path}: {err.strerror or err}") from None
-    if len(data) < 12 or data[:8] != MAGIC:
+    if data[:8] != MAGIC:
         raise ExportError(f"{path} is not an mpdnn export (.mpq): bad magic")
+    if len(data) < 12:
+        raise ExportError(f"{path} is truncated: {len(data)} bytes, shorter than its header")
     (version,) = struct.unpack_from("<I", data, 8)
     if version not in READABLE_VERSIONS:
         known = " and ".join(str(v) for v in READABLE_VERSIONS)
