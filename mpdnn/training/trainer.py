@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 from mpdnn import optim
 from mpdnn.provenance import provenance
 from mpdnn.training import config as cfg
-from mpdnn.training.checkpoint import Checkpointer
+from mpdnn.training.checkpoint import Checkpointer, CheckpointError
 from mpdnn.training.evaluation import Diagnostics, Evaluator, Inspector, Split, frozen_at
 from mpdnn.training.metrics import MetricsWriter, Progress
 from mpdnn.training.placement import any_process, local, put
@@ -187,7 +187,8 @@ def _train_and_evaluate(config, run: RunDir, should_stop, command: str) -> RunRe
     )
 
     ckpt = Checkpointer(run.checkpoints, max_to_keep=2)
-    best_ckpt = Checkpointer(run.best, max_to_keep=1)
+    # The last two selected models: a corrupt newest one falls back to the one before.
+    best_ckpt = Checkpointer(run.best, max_to_keep=2)
     meta: dict[str, Any] = {"best_error": None, "best_feasible": None, "authors": None}
     restored = ckpt.restore(state)
     if restored is not None:
@@ -320,13 +321,17 @@ def _train_and_evaluate(config, run: RunDir, should_stop, command: str) -> RunRe
     final_sizes = inspect.sizes(state["params"])
     freezes = freeze_step(config, plan.steps_per_epoch) is not None and budgets
     final_error = last_eval.get("test_error")
-    best = meta["best_feasible"]
+    best, best_model = meta["best_feasible"], None
+    selected = best is not None and not freezes
+    if selected:
+        best, best_model = _restore_best(run, state, best)
+        meta["best_feasible"] = best
     if validation is not None:
         # Selection on the validation split: the test set sees the final model and the
         # selected one, once each.
         final_error = evaluator.test_error(state)
-        if best is not None:
-            best = {**best, "test_error": evaluator.test_error(_restore(run.best, state))}
+        if best_model is not None:
+            best = {**best, "test_error": evaluator.test_error(best_model)}
             meta["best_feasible"] = best
     delivered = {"params": state["params"], "rest": state["rest"]}
     if not budgets:
@@ -336,12 +341,13 @@ def _train_and_evaluate(config, run: RunDir, should_stop, command: str) -> RunRe
         if frozen is not None and not feasible:  # a frozen θ cannot leave the budget
             raise TrainingError(f"{run.path}: frozen at step {frozen} but over budget")
         kind, delivered_error = ("final", final_error) if feasible else (None, None)
+    elif best_model is not None:
+        feasible, kind, delivered_error = True, "best_feasible", best.get("test_error")
+        delivered = best_model
+    elif selected and optim.within_limits(final_sizes, budgets):  # best/ lost: final, if it fits
+        feasible, kind, delivered_error = True, "final", final_error
     else:
-        feasible = best is not None
-        kind = "best_feasible" if feasible else None
-        delivered_error = best.get("test_error") if feasible else None
-        if feasible:
-            delivered = _restore(run.best, state)
+        feasible, kind, delivered_error = False, None, None
     # With budgets and no feasible model the report shows the final (over-budget) model.
     layer_report = optim.memory(
         nnx.merge(graphdef, *local((delivered["params"], delivered["rest"])))
@@ -436,10 +442,31 @@ def _recalibration(s: Setup, steps: Steps, images, replicated):
     return lambda params, rest: steps.recalibrate.indexed(params, rest, idx, images)
 
 
-def _restore(directory: Path, like) -> dict[str, Any]:
-    """``{"params", "rest"}`` of the checkpoint in ``directory``, shaped like ``like``."""
-    with Checkpointer(directory, max_to_keep=1, async_save=False) as saved:
-        return saved.restore({"params": like["params"], "rest": like["rest"]})[1]
+def _restore_best(run: RunDir, like, best: dict[str, Any]) -> tuple[dict | None, dict | None]:
+    """``(record, {"params", "rest"})`` of the newest readable model in ``best/``, shaped like
+    ``like``: the selected one, or the one selected before it when that is unreadable (said
+    in a warning). ``(None, None)`` when ``best/`` holds nothing readable (deleted during
+    the run, or every copy corrupt): the run still finishes, without that model."""
+    try:
+        with Checkpointer(run.best, max_to_keep=2, async_save=False) as saved:
+            restored = saved.restore({"params": like["params"], "rest": like["rest"]})
+    except CheckpointError as err:
+        restored, why = None, str(err)
+    else:
+        why = f"{run.best} holds no checkpoint"
+    if restored is None:
+        logging.warning("the selected model (step %s) is lost: %s", best.get("step"), why)
+        return None, None
+    step, model, metadata = restored
+    if step != best.get("step"):
+        logging.warning(
+            "the selected model of step %s is unreadable; delivering the one selected before "
+            "it, of step %d",
+            best.get("step"),
+            step,
+        )
+        best = {**metadata, "step": step}
+    return best, model
 
 
 def _verdicts(budgets, final_sizes, delivered_sizes) -> dict[str, dict[str, Any]]:

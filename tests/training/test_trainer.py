@@ -125,7 +125,7 @@ def test_outputs_and_verdicts(tmp_path):
         ("data.name", "mnist", "data.name='mnist' is unknown"),
         ("quant.weights.parametrization", "b_x", "parametrization='b_x' is unknown"),
         ("quant.weights.d_range", (1.0, 0.1), "d_range is inverted"),
-        ("budget.weight_kb", 0.0, "must be > 0 KB"),
+        ("budget.weight_kb", 0.0, "must be a finite number > 0 KB"),
         ("budget.weight_kb", 0.01, "weight_kb ≤ 0.01 KB cannot be met"),
         ("data.dir", "/nonexistent/cifar.tar.gz", "/nonexistent/cifar.tar.gz"),
     ],
@@ -251,3 +251,41 @@ def test_scanned_and_looped_calls_train_alike(tmp_path):
     _, sb = restore_state(tmp_path / "False", tiny_config())
     for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_whose_best_model_was_deleted_still_finishes(tmp_path, caplog):
+    """best/ removed mid-run: the run completes (it crashed at delivery, and on every
+    rerun), says the selected model is lost, and delivers the final model if it fits."""
+    import shutil
+
+    config = tiny_config(checkpoint_every_epochs=1)
+    config.budget.weight_kb = 10.0  # every evaluation within it: best/ is written
+    config.budget.recipe = "paper"  # delivers the best feasible evaluation (no freeze)
+    stopped = train_and_evaluate(config, tmp_path, should_stop=lambda step: step >= 4)
+    assert stopped.status == "stopped" and (tmp_path / "best").is_dir()
+    shutil.rmtree(tmp_path / "best")
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        result = train_and_evaluate(config, tmp_path)
+    assert result.status == "completed" and result.delivered == "final" and result.feasible
+    assert "the selected model (step 4) is lost" in " ".join(r.getMessage() for r in caplog.records)
+    again = train_and_evaluate(config, tmp_path)  # a rerun of the finished run, too
+    assert again.status == "completed" and again.delivered == "final"
+
+
+def test_a_corrupt_newest_best_model_falls_back_to_the_one_before(tmp_path, caplog):
+    from mpdnn.training.rundir import RunDir
+    from mpdnn.training.trainer import _restore_best
+
+    like = {"params": {"w": np.zeros(3, np.float32)}, "rest": {"b": np.zeros(2, np.float32)}}
+    with Checkpointer(tmp_path / "best", max_to_keep=2, async_save=False) as best:
+        for step in (4, 8):
+            model = jax.tree.map(lambda x, s=step: x + s, like)
+            best.save(step, model, metadata={"step": step, "test_error": 0.5 - step / 100})
+    for f in (tmp_path / "best" / "8").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        record, model = _restore_best(RunDir(tmp_path), like, {"step": 8, "test_error": 0.42})
+    assert record["step"] == 4 and record["test_error"] == pytest.approx(0.46)
+    np.testing.assert_array_equal(model["params"]["w"], np.full(3, 4.0))
+    assert "delivering the one selected before it, of step 4" in caplog.text
