@@ -24,7 +24,7 @@ Decisions where the paper is silent (written down here, as the brief asks):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -168,6 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_steps = 0  # > 0: stop after this many steps (smoke runs)
     c.train.num_devices = 0  # 0: every device (of every host)
     c.train.progress = True
+    # A workdir belongs to one config: resuming with another is refused, except for these
+    # comma-separated keys (e.g. "train.epochs" to extend a run). See check_resume.
+    c.train.resume_changes = ""
 
     c.init = ml_collections.ConfigDict()
     c.init.from_workdir = config_dict.placeholder(str)
@@ -504,6 +507,46 @@ def check(config: ml_collections.ConfigDict) -> None:
             f"run_variants names {', '.join(unknown)}, not among the variants "
             f"({', '.join(config.variants) or 'none'})"
         )
+
+
+#: Keys that may differ between a run and its resumption: they change no number it computes.
+RESUME_FREE = ("train.progress", "train.resume_changes", "data.dir", "variants", "run_variants")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """Refuse (one :class:`ConfigError` line naming the keys) to continue a run saved with
+    config ``saved`` (its ``config.json``) under a different ``config``, but for
+    :data:`RESUME_FREE` keys and those ``train.resume_changes`` lists; returns the keys that
+    changed and were allowed. Keys only one side has (another mpdnn version) are not
+    compared."""
+    import json
+
+    old, new = _flat(dict(saved)), _flat(json.loads(config.to_json()))
+    allowed = [k.strip() for k in config.train.get("resume_changes", "").split(",") if k.strip()]
+
+    def free(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in (*RESUME_FREE, *allowed))
+
+    changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+    refused = [k for k in changed if not free(k)]
+    if refused:
+        shown = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in refused[:4])
+        more = f" (and {len(refused) - 4} more)" if len(refused) > 4 else ""
+        _fail(
+            f"this workdir holds a run of another config ({shown}{more}): rerun with its "
+            f"config, use another --workdir, or allow it with "
+            f"--config.train.resume_changes={','.join(refused)}"
+        )
+    return [k for k in changed if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE)]
 
 
 def _get_path(config: ml_collections.ConfigDict, key: str) -> Any:

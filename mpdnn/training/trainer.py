@@ -45,7 +45,7 @@ from mpdnn.training.checkpoint import Checkpointer, CheckpointError
 from mpdnn.training.evaluation import Diagnostics, Evaluator, Inspector, Split, frozen_at
 from mpdnn.training.metrics import MetricsWriter, Progress
 from mpdnn.training.placement import any_process, local, put
-from mpdnn.training.rundir import RunBusyError, RunDir
+from mpdnn.training.rundir import RunBusyError, RunDir, RunDirError
 from mpdnn.training.setup import (  # noqa: F401  (re-exported: the trainer's public helpers)
     Setup,
     build_model,
@@ -145,9 +145,18 @@ def train_and_evaluate(
 def _train_and_evaluate(config, run: RunDir, should_stop, command: str) -> RunResult:
     start = time.perf_counter()
     chief = jax.process_index() == 0
+    changes: list[str] = []
+    if run.config_file.is_file() and (run.checkpoints.is_dir() or run.final.is_dir()):
+        try:
+            saved = run.read_config().to_dict()
+        except RunDirError as err:
+            raise cfg.ConfigError(f"cannot resume: {err}") from None
+        changes = cfg.check_resume(saved, config)
     s = setup(config, run.path)
-    if chief:
+    if chief:  # only now: a refused or failing rerun leaves the run's config as it was
         run.write_config(config)
+        if changes:
+            logging.warning("resuming %s with changed %s", run.path, ", ".join(changes))
     plan, budgets, mesh = s.plan, s.budgets, s.mesh
 
     # The state and the data on the mesh.

@@ -289,3 +289,30 @@ def test_a_corrupt_newest_best_model_falls_back_to_the_one_before(tmp_path, capl
     assert record["step"] == 4 and record["test_error"] == pytest.approx(0.46)
     np.testing.assert_array_equal(model["params"]["w"], np.full(3, 4.0))
     assert "delivering the one selected before it, of step 4" in caplog.text
+
+
+def test_a_workdir_refuses_another_config_unless_the_change_is_allowed(tmp_path, caplog):
+    """A changed lr on resume was accepted silently, and a changed shape reported as an
+    unreadable checkpoint; config.json was overwritten even when the rerun then failed."""
+    config = tiny_config()
+    stopped = train_and_evaluate(config, tmp_path, should_stop=lambda step: step >= 2)
+    assert stopped.status == "stopped"
+    saved = (tmp_path / "config.json").read_text()
+    other = tiny_config()
+    other.optim.learning_rate = 0.5
+    other.model.widths = (8, 16)
+    with pytest.raises(cfg.ConfigError) as err:
+        train_and_evaluate(other, tmp_path)
+    text = str(err.value)
+    assert "\n" not in text and "another config" in text
+    assert "optim.learning_rate: 0.05 -> 0.5" in text and "model.widths: [8, 8] -> [8, 16]" in text
+    assert "--config.train.resume_changes=model.widths,optim.learning_rate" in text
+    assert (tmp_path / "config.json").read_text() == saved  # untouched
+    # Free keys, and keys the user allows, resume.
+    longer = tiny_config(progress=False, resume_changes="train.epochs")
+    longer.train.epochs = 3
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        result = train_and_evaluate(longer, tmp_path)
+    assert result.status == "completed" and result.step == 12
+    assert "resuming" in caplog.text and "train.epochs" in caplog.text
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["epochs"] == 3
