@@ -128,10 +128,9 @@ def parse_flags(argv: Sequence[str]) -> Flags:
         lower_bound=0,
         flag_values=values,
     )
-    if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv):
-        print(__doc__)
-        print(values.get_help())
-        sys.exit(0)
+    helps = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+    if any(a in helps for a in argv):
+        _print_help(values, config, [PROG, *(a for a in argv if a not in helps)])
     try:
         rest = values(full)
     except flags.Error as err:
@@ -154,6 +153,24 @@ def parse_flags(argv: Sequence[str]) -> Flags:
         process_id=process_id.value,
         argv=tuple(argv),
     )
+
+
+def _print_help(values, config, argv: list[str]) -> NoReturn:
+    """The usage, the flags, and every config key with its value and meaning (of the config
+    ``--config`` names, else the default experiment's); exit 0."""
+    from mpdnn.training import config as cfg
+
+    print(__doc__)
+    print(values.get_help())
+    try:
+        values(argv)
+        shown, loaded = config.value, True
+    except Exception:  # a config that does not load: show the schema's own defaults
+        shown, loaded = cfg.base_config(), False
+    what = "the schema's defaults" if not loaded else f"{shown.name}'s values"
+    print(f"\nConfig keys (--config.<key>=value), with {what}:")
+    print(cfg.describe(shown))
+    sys.exit(0)
 
 
 def _describe(err: BaseException) -> str:

@@ -177,3 +177,19 @@ def test_ctrl_c_checkpoints_and_stops_like_sigterm(tmp_path):
     summary = json.loads((tmp_path / "float" / "summary.json").read_text())
     assert summary["status"] == "stopped"
     assert any((tmp_path / "float" / "checkpoints").iterdir())
+
+
+def test_help_lists_every_config_key_with_its_value_and_meaning(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--workdir" in out and "Config keys" in out
+    # the default experiment's values (mpdnn/configs/digits.py) with the schema's comments
+    assert "  train.epochs = 30\n" in out
+    assert "  optim.decay_epochs = [20, 25]  # lr divided by 10 after these epochs" in out
+    assert '  budget.method = "penalty"  # penalty | lagrangian' in out
+    with pytest.raises(SystemExit):
+        train.main(["--config", "experiments/cifar10.py:row=float", "--help"])
+    assert "  train.epochs = 160\n" in capsys.readouterr().out

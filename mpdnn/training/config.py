@@ -509,6 +509,54 @@ def check(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def key_meanings() -> dict[str, str]:
+    """``{dotted key: one-line meaning}`` of the schema, read from the comments beside (or
+    above) each key in :func:`base_config` and :func:`quantizer_config`: the comments are
+    the documentation, so ``--help`` cannot drift from them."""
+    import inspect
+    import re
+
+    out = {f"budget.{s}": "a budget on this size in KB; None: no budget" for s in SIZES}
+    for kind in ("weights", "activations"):
+        for r in RANGES:
+            out[f"quant.{kind}.{r}"] = "the box of this θ; None: the authors' (docs/method.md §2)"
+    sources = ((base_config, ("",)), (quantizer_config, ("quant.weights.", "quant.activations.")))
+    for fn, prefixes in sources:
+        above: list[str] = []
+        for line in inspect.getsource(fn).splitlines():
+            text = line.strip()
+            if text.startswith("#"):
+                above.append(text.lstrip("#").strip())
+                continue
+            m = re.match(r"c\.([\w.]+) = [^#]*(?:#\s*(.*))?$", text)
+            if m and not m.group(1).endswith(("weights", "activations")):
+                meaning = m.group(2) or " ".join(above)
+                for prefix in prefixes:
+                    out.setdefault(prefix + m.group(1), meaning)
+            above = []
+    return out
+
+
+def describe(config: ml_collections.ConfigDict, width: int = 100) -> str:
+    """Every key of ``config`` (variants aside) with its value and meaning, a line each."""
+    import json
+    import textwrap
+
+    meanings = key_meanings()
+    values = _flat(json.loads(config.to_json()))
+    lines = []
+    for key, value in values.items():
+        if key.startswith("variants."):
+            continue
+        head = f"  {key} = {json.dumps(value)}"
+        meaning = meanings.get(key, "")
+        if meaning:
+            room = max(30, width - len(head) - 4)
+            head += "  # " + textwrap.shorten(meaning, room, placeholder=" …")
+        lines.append(head)
+    return "\n".join(lines)
+
+
 #: Keys that may differ between a run and its resumption: they change no number it computes.
 RESUME_FREE = ("train.progress", "train.resume_changes", "data.dir", "variants", "run_variants")
 
