@@ -222,6 +222,7 @@ def format_table(results: dict) -> str:
         f"{'verdict':<18} {'final acc':>9}  weight bits per layer"
     )
     lines = [header, "-" * len(header)]
+    over = []  # runs whose final model is over a budget (delivered or not)
     for name, r in results.items():
         budget = r.budgets.get("weight_kb")
         acc = None if r.delivered_test_error is None else 1 - r.delivered_test_error
@@ -234,6 +235,9 @@ def format_table(results: dict) -> str:
             verdict = f"meets (ep {r.best_feasible_step / r.steps_per_epoch:.0f})"
         else:
             verdict = "OVER BUDGET"
+        final_over = [k for k, v in r.verdicts.items() if not v.get("final_met", True)]
+        if final_over:
+            over.append(f"{name or r.name} ({', '.join(final_over)})")
         bits = "/".join(
             f"{row['bits']:.0f}"
             for row in r.layers
@@ -242,14 +246,16 @@ def format_table(results: dict) -> str:
         lines.append(
             f"{name or r.name:<{width}} {_fmt(acc, '.4f'):>8} "
             f"{r.delivered_sizes['weight_kb']:>10.3f} {_fmt(budget, '.2f'):>8} "
-            f"{r.delivered_sizes['act_max_kb']:>10.2f}  {verdict:<18} {_fmt(final, '.4f'):>9}  "
-            f"{bits}"
+            f"{r.delivered_sizes['act_max_kb']:>10.2f}  {verdict:<18} {_fmt(final, '.4f'):>9}"
+            f"{'*' if final_over else ' '} {bits}"
         )
     lines.append(
         "test acc, sizes, bits: the delivered model (with budgets: the final model when its "
         "quantizers froze within them at epoch 'froze', else the best evaluation that met "
         "them all, at epoch 'ep'); final acc: the last epoch"
     )
+    if over:
+        lines.append(f"*: the final model is OVER BUDGET: {'; '.join(over)}")
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ def test_smoke_prints_the_table(tmp_path):
     # Two steps cannot meet the budget: the run must say so with status 3, not hide it.
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "NO model of learned met every budget" in proc.stderr
+    assert "*: the final model is OVER BUDGET: learned (weight_kb)" in proc.stdout
     for name in ("float", "fixed", "learned"):
         assert any(line.startswith(name) for line in proc.stdout.splitlines()), proc.stdout
         assert (tmp_path / name / "summary.json").is_file()
