@@ -51,7 +51,10 @@ def _ceil_ste_jvp(primals, tangents):
 def _ceil_log2_exact(v: jax.Array) -> jax.Array:
     """``ceil(log2 v)`` for positive ``v``, exactly: ``v = f 2**e``, ``f`` in [1/2, 1)."""
     f, e = jnp.frexp(v)
-    return (e - (f == 0.5).astype(e.dtype)).astype(v.dtype)
+    exact = (e - (f == 0.5).astype(e.dtype)).astype(v.dtype)
+    # NaN and inf pass through: frexp gives them exponent 0, so a NaN bit count would
+    # otherwise read as a small finite one.
+    return jnp.where(jnp.isfinite(v), exact, v)
 
 
 @jax.custom_jvp
@@ -62,6 +65,7 @@ def ceil_log2_ste(v: jax.Array) -> jax.Array:
     ``log2(8) = 3.0000002``, ``ceil`` would give a 4-bit quantizer 5 bits. The value comes
     from the binary exponent (exact); the gradient is the straight-through ``1/(v ln 2)``
     that the paper's ``ceil(log2(.))`` gets with a straight-through ceil (docs/method.md §3).
+    NaN gives NaN and inf gives inf.
     """
     return _ceil_log2_exact(v)
 
@@ -103,6 +107,8 @@ def pow2_round(v: jax.Array) -> jax.Array:
     is read off the bits (no log, no pow: ~7x faster on CPU than ``log2`` + ``ldexp``, and
     exact, where a float32 ``log2`` can misround within an ulp of a geometric midpoint; no
     float has ``m = √2``, so the tie rule never applies). Other dtypes take the log route.
+    NaN is outside the contract (it comes back as 0 or inf): the quantizers never pass it
+    one, and :func:`pow2_ste`, the snap of parameters, keeps NaN as NaN.
     """
     if v.dtype != jnp.float32:
         return exact_pow2(round_half_away(jnp.log2(v)), v.dtype)
@@ -118,9 +124,9 @@ def pow2_ste(v: jax.Array) -> jax.Array:
 
     Gradient: straight-through in the log domain, ``d snap / d v = snap / v`` (docs/method.md §2,
     hardware constraint 3; docs/method.md §1.2, ``dQ/dx = P(a)/a``). The caller guarantees ``v >
-    0``.
+    0``. A NaN stays NaN, so a diverged parameter is not snapped to a finite power of two.
     """
-    return pow2_round(v)
+    return jnp.where(jnp.isnan(v), v, pow2_round(v))
 
 
 @pow2_ste.defjvp
@@ -153,8 +159,9 @@ def exp2_int(e: jax.Array) -> jax.Array:
     Used for the bit-derived quantities ``2**k - 1`` of docs/method.md §2; ``jnp.power`` is not
     exact
     on every backend, and an inexact ``2**k`` would put U1's qmax off its own grid.
+    A NaN exponent (a NaN bitwidth θ) gives NaN, not the 2**0 of a NaN-to-integer cast.
     """
-    return exact_pow2(round_half_away(e), e.dtype)
+    return jnp.where(jnp.isnan(e), e, exact_pow2(round_half_away(e), e.dtype))
 
 
 @exp2_int.defjvp

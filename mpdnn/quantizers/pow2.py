@@ -48,13 +48,20 @@ def quantize(
     (straight-through in the log domain), ``dQ/dqmin = s`` on I1, ``dQ/dqmax = s`` on I3.
     The sum form is the authors'; it matters only when ``qmin > qmax``, where I1 and I3
     overlap.
+
+    NaN in, NaN out: a NaN ``x``, or a NaN ``qmin``/``qmax`` (a diverged quantizer), gives NaN
+    where it applies. Every indicator is false on NaN, so the formula alone would give 0, a
+    value not even on a zero-less grid, and hide the divergence. The backward pass is the
+    formula's: NaN elements pass no gradient to ``x`` or θ (a NaN cotangent still does).
     """
     s, a_safe, below, inside, above = _regions(x, qmin, qmax, signed, with_zero)
     p = pow2_round(a_safe)
     zero = jnp.zeros_like(x)
-    return s * (
+    q = s * (
         jnp.where(below, qmin, zero) + jnp.where(inside, p, zero) + jnp.where(above, qmax, zero)
     )
+    nan = jnp.isnan(x) | (jnp.isnan(qmin) | jnp.isnan(qmax))
+    return jnp.where(nan, jnp.full_like(q, jnp.nan), q)
 
 
 def _quantize_fwd(x, qmin, qmax, signed, with_zero):
@@ -98,9 +105,10 @@ def bits(
     Where ``qmax <= qmin`` there is one magnitude (the authors' formula would take the log
     of a non-positive number there; its result is ``b_min`` wherever it is defined, and so
     is ours). Both logs are exact on powers of two, so a snapped quantizer never gains a
-    phantom bit from float error.
+    phantom bit from float error. A NaN ``qmin`` or ``qmax`` gives NaN bits.
     """
     levels = log2_exact(qmax / qmin) + 1.0
-    safe = jnp.where(levels > 1.0, levels, lax.stop_gradient(jnp.ones_like(levels)))
+    # ``levels <= 1`` rather than ``not levels > 1``: NaN must stay NaN, not read as 1 level.
+    safe = jnp.where(levels <= 1.0, lax.stop_gradient(jnp.ones_like(levels)), levels)
     extra = 2.0 if (signed and with_zero) else 1.0
     return at_least(ceil_log2_ste(safe) + extra, b_min)

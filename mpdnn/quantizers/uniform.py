@@ -44,6 +44,10 @@ def quantize(x: jax.Array, d: jax.Array, qmax: jax.Array, signed: bool) -> jax.A
       Ties go to the bound, as in NNabla's ``clip_by_value``.
 
     ``d`` and ``qmax`` are scalars or arrays broadcast to ``x``'s rank (per channel).
+
+    NaN in, NaN out, with no extra operation: clip and round keep a NaN ``x``, and a NaN
+    ``d`` or ``qmax`` makes every output NaN. (A NaN ``x`` gets ``dQ/dx = 1`` and a NaN
+    ``dQ/dd``: it is not outside the range.)
     """
     c = jnp.clip(x, _bounds(qmax, signed), qmax)
     return d * round_half_away(c / d)
@@ -81,7 +85,8 @@ def bits(d: jax.Array, qmax: jax.Array, *, signed: bool, b_min: float) -> jax.Ar
     ``q = round(qmax/d) * d`` is qmax snapped to the grid, so ``q/d = round(qmax/d)`` counts
     the positive levels the quantizer really outputs; the ``+1`` (signed) is the sign bit.
     Round and ceil are straight-through, so the result is differentiable w.r.t. ``d`` and
-    ``qmax``; the ceil of the log is computed exactly (:func:`ceil_log2_ste`).
+    ``qmax``; the ceil of the log is computed exactly (:func:`ceil_log2_ste`). A NaN ``d``
+    or ``qmax`` gives NaN bits.
     """
     b = ceil_log2_ste(round_ste(qmax / d) + 1.0)
     if signed:

@@ -152,7 +152,8 @@ def test_pow2_b_based_have_exactly_2_pow_b_levels(par):
     spec = mq.QuantSpec(family="pow2", parametrization=par, signed=True)
     x = jnp.linspace(-300.0, 300.0, 200_001)
     for b in (2, 3, 4):
-        theta = {"b": jnp.float32(b), "qmax": jnp.float32(1.0), "qmin": jnp.float32(2**-6)}
+        values = {"b": jnp.float32(b), "qmax": jnp.float32(1.0), "qmin": jnp.float32(2**-6)}
+        theta = {k: values[k] for k in spec.theta_names}  # an extra key is an error
         assert np.unique(np.asarray(mq.quantize(x, theta, spec))).size == 2**b
 
 
