@@ -26,11 +26,17 @@ signed pow2 start at b0 >= 6 spans 2**31 octaves or more, beyond the default qmi
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mpdnn.quantizers._ste import round_half_away
-from mpdnn.quantizers.spec import QuantSpec
+from mpdnn.quantizers.parametrizations import check_spec
+from mpdnn.quantizers.spec import _MAX_BITS, QuantSpec
 
 RANDOM_INIT_STEP = 2.0**-3
 _EDGE_MARGIN = 2.0**-10  # relative distance from a box edge, see the module docstring
@@ -57,7 +63,10 @@ def _express(spec: QuantSpec, start: dict[str, jax.Array], bits: int) -> dict[st
     if spec.family == "pow2":
         qmax = 2.0 ** round_half_away(jnp.log2(start["qmax"]))
         values["qmax"] = qmax
-        values["qmin"] = qmax / 2.0 ** (2.0 ** spec.magnitude_bits(bits) - 1.0)
+        # A Python float overflows past 2**1023 (a pow2 start above ~11 bits); the float32
+        # qmin is 0 well before that, and the box clips it, so capping changes no start.
+        octaves = min(2.0 ** spec.magnitude_bits(bits) - 1.0, 1023.0)
+        values["qmin"] = qmax / 2.0**octaves
     theta = {}
     for name in spec.theta_names:
         lo, hi = spec.box(name)
@@ -65,13 +74,36 @@ def _express(spec: QuantSpec, start: dict[str, jax.Array], bits: int) -> dict[st
     return theta
 
 
-def _check_bits(spec: QuantSpec, bits: int) -> None:
-    # Every start is first a uniform grid (docs/method.md §4), which needs one magnitude bit beside
-    # the
-    # sign: 2 bits signed, 1 unsigned, whatever the family.
-    too_few = bits < (2 if spec.signed else 1)
-    if too_few or spec.magnitude_bits(bits) < (1 if spec.family == "uniform" else 0):
-        raise ValueError(f"cannot start a {spec.describe()} quantizer at {bits} bits")
+def _check_bits(spec: object, bits: object, where: str) -> int:
+    """``bits`` as an int after the checks of :func:`init_weight_theta`'s docstring."""
+    check_spec(spec, where)
+    if isinstance(bits, bool | np.bool_):
+        raise TypeError(f"{where}: bits must be a whole number of bits, got bool {bits!r}")
+    if isinstance(bits, numbers.Real):
+        value = float(bits)
+        if not value.is_integer():
+            raise ValueError(f"{where}: bits must be a whole number of bits, got {bits!r}")
+        bits = int(value)
+    else:
+        try:
+            bits = operator.index(bits)
+        except TypeError:
+            raise TypeError(
+                f"{where}: bits must be a Python integer, got {type(bits).__name__} {bits!r}"[:200]
+            ) from None
+    # Every start is first a uniform grid (docs/method.md §4), which needs one magnitude bit
+    # beside the sign: 2 bits signed, 1 unsigned, whatever the family.
+    lo = max(2 if spec.signed else 1, math.ceil(spec.b_range[0]))
+    if spec.learns_bits:
+        hi, why = math.floor(spec.b_range[1]), "b is a raw θ boxed to spec.b_range"
+    else:
+        hi, why = _MAX_BITS, f"b_range[0] is b_min; no QuantSpec box exceeds {_MAX_BITS} bits"
+    if not lo <= bits <= hi:
+        raise ValueError(
+            f"cannot start a {spec.describe()} quantizer at {bits} bits: expected an integer "
+            f"in [{lo}, {hi}] ({why})"
+        )
+    return bits
 
 
 def init_weight_theta(
@@ -81,20 +113,62 @@ def init_weight_theta(
 
     With ``weights`` (a float network's kernel, or for a bias quantizer its layer's kernel)
     the step follows ``max|W|``; without, the random-init step ``2**-3``.
+
+    ``bits`` must be a whole number (an int, or a float such as ``4.0``) in ``[lo, hi]``.
+    ``lo`` is the larger of ``spec.b_range[0]`` (``b_min``, docs/method.md §3: a start below it
+    would be accounted at ``b_min`` bits) and the smallest grid, 2 bits signed or 1 unsigned.
+    ``hi`` depends on whether b is learned. For U1, U2 and the b-based pow2 cases it is
+    ``spec.b_range[1]``, the authors' box (8 by default, docs/method.md §2 constraint 1), since
+    a start outside the box would be clipped to it silently (``bits=100`` would start at 8).
+    For U3 and P3 the inferred bits have no upper cap (docs/method.md §3), so ``hi`` is 24, the
+    widest bitwidth any :class:`QuantSpec` box allows (``2**(b-1)`` levels exact in float32).
+    Their d, qmax and qmin boxes can still clip a wide start to fewer bits (docs/method.md §4).
+    Anything else is a ValueError (a TypeError for a non-number).
+
+    ``weights`` must be numeric, non-empty and finite. A concrete array holding NaN or inf
+    raises ValueError. Under ``jax.jit`` the values are traced and cannot be checked. Then
+    non-finite weights give a NaN step, and so NaN θ (a learned ``b`` stays ``bits``), which
+    :func:`mpdnn.quantizers.bitwidth` reports as NaN bits and
+    :func:`mpdnn.quantizers.quantize` as NaN outputs, rather than the random-init θ that a
+    silent fallback would give.
     """
-    _check_bits(spec, bits)
+    bits = _check_bits(spec, bits, "init_weight_theta")
     step = jnp.float32(RANDOM_INIT_STEP)
     if weights is not None:
-        wmax = jnp.max(jnp.abs(jnp.asarray(weights, jnp.float32)))
+        try:
+            w = jnp.asarray(weights, jnp.float32)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"init_weight_theta: weights must be a numeric array, got {type(weights).__name__}"
+            ) from None
+        if w.size == 0:
+            raise ValueError(
+                f"init_weight_theta: weights of shape {w.shape} are empty; pass the layer's "
+                "kernel, or weights=None for the random-init step"
+            )
+        wmax = jnp.max(jnp.abs(w))
+        finite = jnp.isfinite(wmax)
+        try:
+            concrete_finite = bool(finite)
+        except jax.errors.ConcretizationTypeError:  # traced under jit: NaN θ, see above
+            concrete_finite = True
+        if not concrete_finite:
+            raise ValueError(
+                f"init_weight_theta: weights contain NaN or inf (max|W| = {float(wmax)}); the "
+                "float-net init (docs/method.md §4) needs finite weights"
+            )
         ratio = jnp.where(wmax > 0, wmax, 1.0) / (2.0 ** (bits - 1) - 1.0)
         rounding = jnp.ceil if bits > 4 else jnp.floor
         step = jnp.where(wmax > 0, 2.0 ** rounding(jnp.log2(ratio)), step)
+        step = jnp.where(finite, step, jnp.float32(jnp.nan))
     return _express(spec, _uniform_start(spec, bits, step), bits)
 
 
 def init_activation_theta(spec: QuantSpec, bits: int = 4) -> dict[str, jax.Array]:
     """Raw θ for an activation quantizer starting at ``bits`` bits: ``d0 = 2**-3`` (docs/method.md
     §4).
+
+    ``bits`` is checked as in :func:`init_weight_theta`.
     """
-    _check_bits(spec, bits)
+    bits = _check_bits(spec, bits, "init_activation_theta")
     return _express(spec, _uniform_start(spec, bits, jnp.float32(RANDOM_INIT_STEP)), bits)
