@@ -383,7 +383,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     _initialize_distributed(args)
     workdir = Path(args.workdir or Path("runs") / config.name)
     command_line = command(argv)
-    STOP_REQUESTED.clear()
     _STOP_SIGNALS.clear()
     previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     results = {}
@@ -408,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if _STOP_SIGNALS:  # the stop this call's signals asked for is done
+            STOP_REQUESTED.clear()
     table = format_table(results)
     print()
     print(table)

@@ -170,8 +170,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config.train.epochs = 3
     stopped = train_and_evaluate(config, tmp_path, should_stop=lambda step: step >= 4)
     assert stopped.step == 4
-    # Resume with a learning rate that overflows the parameters at once.
+    # Resume with a learning rate that overflows the parameters at once (a change the
+    # workdir's config allows only when asked to).
     config.optim.learning_rate = float("inf")
+    config.train.resume_changes = "optim.learning_rate"
     with pytest.raises(TrainingError) as err:
         train_and_evaluate(config, tmp_path)
     text = str(err.value)
