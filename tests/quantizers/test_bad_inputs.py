@@ -101,7 +101,11 @@ def test_theta_entries_that_do_not_broadcast_together_are_a_value_error(maybe_ji
     assert "(3,)" in message and "(4,)" in message
 
 
-@pytest.mark.parametrize("value", ["0.125", None, True, 1j, object()], ids=repr)
+@pytest.mark.parametrize(
+    "value",
+    ["0.125", None, True, 1j, object()],
+    ids=["str", "None", "True", "complex", "object"],  # fixed ids: xdist workers must agree
+)
 def test_theta_entry_that_is_not_a_real_number_is_a_type_error(value):
     for call in CALLS.values():
         _raises(
