@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -14,6 +15,7 @@ def _name(requirement: str) -> str:
 
 
 def test_every_floor_is_pinned_in_the_floors_leg_and_nothing_else():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = list(project["dependencies"])
     for name, extra in project["optional-dependencies"].items():
