@@ -242,19 +242,17 @@ def parse_flags(argv: Sequence[str]) -> Flags:
     mpdnn.train`` parses its own, into a fresh ``FlagValues`` (so that the trainer's global
     flags and repeated calls in one process do not collide). Bad input: one line, exit 2."""
     from absl import flags
-    from ml_collections import config_flags
+
+    from mpdnn.cli import define_config_flag
 
     argv = [PROG, *argv]
     values = flags.FlagValues()
-    sys.modules.pop("config_config", None)  # as mpdnn.train: a fresh module per config file
-    config = config_flags.DEFINE_config_file(
-        "config",
+    config = define_config_flag(
+        values,
+        argv,
         default=None,
         help_string="training config file, optionally with ':arg', and --config.<key>=value "
         "overrides (as python -m mpdnn.train takes them)",
-        flag_values=values,
-        lock_config=True,
-        sys_argv=argv,
     )
     workdir = flags.DEFINE_string(
         "workdir",

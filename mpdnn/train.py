@@ -53,7 +53,8 @@ from typing import Any, NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
+
+from mpdnn.cli import define_config_flag
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "digits.py"
 
@@ -80,18 +81,13 @@ def parse_flags(argv: Sequence[str]) -> Flags:
     one line on stderr and exit status 2."""
     full = [PROG, *argv]
     values = flags.FlagValues()
-    # ml_collections loads every config file as module "config_config" and reuses a module
-    # of that name if one is loaded: a second call would see the first file's get_config.
-    sys.modules.pop("config_config", None)
     try:
-        config = config_flags.DEFINE_config_file(
-            "config",
+        config = define_config_flag(
+            values,
+            full,
             default=str(DEFAULT_CONFIG),
             help_string="experiment config file, optionally with ':arg' (default: the digits "
             "experiment)",
-            flag_values=values,
-            lock_config=True,
-            sys_argv=full,
         )
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         _usage_error(f"bad --config override: no key {_key(err)}")

@@ -359,6 +359,25 @@ def _check_bits(entry: Mapping[str, Any], where: str, *, float_bits: bool = Fals
     return bits
 
 
+def _unique_name(entry: dict, where: str, names: set[str], what: str) -> None:
+    name = _field(entry, "name", where, "str")
+    if name in names:
+        raise _TableError(f"{where}: a second {what} of that name")
+    names.add(name)
+
+
+def _check_tiling(entry: dict, where: str, key: str, offset: int, version: int) -> None:
+    """The entry starts where the ones before it end (``key``: its offset field), and from
+    version 2 carries its CRC-32."""
+    if _field(entry, key, where, "count") != offset:
+        raise _TableError(
+            f"{where}: field '{key}' is {entry[key]}, not {offset} (the entries before it end "
+            "there)"
+        )
+    if version >= 2:
+        _field(entry, "crc32", where, "uint32")
+
+
 def _check_table(table: Any, version: int, payload_bytes: int, float_bytes: int) -> None:
     """Raise :class:`_TableError` unless ``table`` has every field :func:`load` reads, of the
     right type, and its weights and floats tile the payload and the float section exactly
@@ -376,10 +395,7 @@ def _check_table(table: Any, version: int, payload_bytes: int, float_bytes: int)
     names, offset = set(), 0
     for i, entry in enumerate(table["weights"]):
         where = _where("weights", i, entry.get("name"))
-        name = _field(entry, "name", where, "str")
-        if name in names:
-            raise _TableError(f"{where}: a second weight tensor of that name")
-        names.add(name)
+        _unique_name(entry, where, names, "weight tensor")
         shape = _field(entry, "shape", where, "shape")
         numel = _field(entry, "numel", where, "count")
         if numel != math.prod(shape):
@@ -401,13 +417,7 @@ def _check_table(table: Any, version: int, payload_bytes: int, float_bytes: int)
                     f"{where}: exponents [{emin}, {emax}] are not 1 to {2 ** (bits - 1)} "
                     f"magnitudes of {bits} bits"
                 )
-        if _field(entry, "bit_offset", where, "count") != offset:
-            raise _TableError(
-                f"{where}: field 'bit_offset' is {entry['bit_offset']}, not {offset} (the "
-                "tensors before it end there)"
-            )
-        if version >= 2:
-            _field(entry, "crc32", where, "uint32")
+        _check_tiling(entry, where, "bit_offset", offset, version)
         offset += numel * bits
     if offset != payload_bits:
         raise _TableError(
@@ -421,18 +431,9 @@ def _check_table(table: Any, version: int, payload_bytes: int, float_bytes: int)
     names, offset = set(), 0
     for i, entry in enumerate(table["floats"]):
         where = _where("floats", i, entry.get("name"))
-        name = _field(entry, "name", where, "str")
-        if name in names:
-            raise _TableError(f"{where}: a second float array of that name")
-        names.add(name)
+        _unique_name(entry, where, names, "float array")
         shape = _field(entry, "shape", where, "shape")
-        if _field(entry, "byte_offset", where, "count") != offset:
-            raise _TableError(
-                f"{where}: field 'byte_offset' is {entry['byte_offset']}, not {offset} (the "
-                "arrays before it end there)"
-            )
-        if version >= 2:
-            _field(entry, "crc32", where, "uint32")
+        _check_tiling(entry, where, "byte_offset", offset, version)
         offset += 4 * math.prod(shape)
     if offset != float_bytes:
         raise _TableError(
