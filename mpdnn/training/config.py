@@ -581,11 +581,13 @@ def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict) ->
     old, new = _flat(dict(saved)), _flat(json.loads(config.to_json()))
     allowed = [k.strip() for k in config.train.get("resume_changes", "").split(",") if k.strip()]
 
-    def free(key: str) -> bool:
-        return any(key == k or key.startswith(k + ".") for k in (*RESUME_FREE, *allowed))
+    def under(key: str, prefixes: Sequence[str]) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
 
-    changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
-    refused = [k for k in changed if not free(k)]
+    changed = sorted(
+        k for k in old.keys() & new.keys() if old[k] != new[k] and not under(k, RESUME_FREE)
+    )
+    refused = [k for k in changed if not under(k, allowed)]
     if refused:
         shown = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in refused[:4])
         more = f" (and {len(refused) - 4} more)" if len(refused) > 4 else ""
@@ -594,7 +596,7 @@ def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict) ->
             f"config, use another --workdir, or allow it with "
             f"--config.train.resume_changes={','.join(refused)}"
         )
-    return [k for k in changed if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE)]
+    return changed
 
 
 def _get_path(config: ml_collections.ConfigDict, key: str) -> Any:

@@ -205,6 +205,11 @@ class RunDir:
         summary = self.read_summary()
         return None if summary is None else summary.get("error")
 
+    def started(self) -> bool:
+        """Whether a run trained here: its config and a checkpoint or final model are on
+        disk (a rerun continues it, so its config must be the same)."""
+        return self.config_file.is_file() and (self.checkpoints.is_dir() or self.final.is_dir())
+
     def finished(self) -> bool:
         """Whether the run reached its last step (whether it delivered is in the summary)."""
         return self.status == "completed"

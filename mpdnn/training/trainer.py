@@ -146,7 +146,7 @@ def _train_and_evaluate(config, run: RunDir, should_stop, command: str) -> RunRe
     start = time.perf_counter()
     chief = jax.process_index() == 0
     changes: list[str] = []
-    if run.config_file.is_file() and (run.checkpoints.is_dir() or run.final.is_dir()):
+    if run.started():
         try:
             saved = run.read_config().to_dict()
         except RunDirError as err:
