@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import NoReturn
+
+from absl import logging as absl_logging
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -33,3 +36,30 @@ def define_config_flag(values, argv: list[str], *, default: str | None, help_str
         lock_config=True,
         sys_argv=argv,
     )
+
+
+def terminal_logging() -> None:
+    """absl's log on the terminal as the commands show it: WARNING and above, one record per
+    message, without tracebacks.
+
+    A failed checkpoint write makes orbax log the same error from each of its threads, each
+    with its traceback, and asyncio report each of orbax's tasks whose error orbax had
+    already raised; the command then ends with its own one-line error naming the failure.
+    So the records keep their message and drop the traceback, and asyncio's logger (mpdnn
+    runs no asyncio code of its own) shows CRITICAL only. Exceptions that end a command are
+    not log records: Python still prints theirs.
+    """
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.get_absl_handler().setFormatter(_MessageOnly())
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+class _MessageOnly(absl_logging.PythonFormatter):
+    """absl's record format (its ``E1202 12:00:00.000 ...] `` prefix) without the record's
+    traceback or stack."""
+
+    def formatException(self, ei) -> str:  # noqa: N802 (logging's name)
+        return ""
+
+    def formatStack(self, stack_info) -> str:  # noqa: N802
+        return ""

@@ -292,6 +292,9 @@ def parse_flags(argv: Sequence[str]) -> Flags:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from mpdnn.cli import terminal_logging
+
+    terminal_logging()
     args = parse_flags(sys.argv[1:] if argv is None else argv)
     if args.workdir is not None:
         from mpdnn.training.rundir import RunDirError

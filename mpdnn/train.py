@@ -52,9 +52,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from absl import app, flags
-from absl import logging as absl_logging
 
-from mpdnn.cli import define_config_flag
+from mpdnn.cli import define_config_flag, terminal_logging
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "digits.py"
 
@@ -367,8 +366,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Train the config ``argv`` names (default: ``sys.argv[1:]``); exits with the status
     the module docstring lists when it is not 0."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    # absl would print every INFO line of JAX's (e.g. "Unable to initialize backend 'tpu'").
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    # absl would print every INFO line of JAX's (e.g. "Unable to initialize backend 'tpu'"),
+    # and orbax's failures with a traceback from each of its threads.
+    terminal_logging()
     from mpdnn.data import DataError
     from mpdnn.training import config as cfg
     from mpdnn.training.checkpoint import CheckpointError
@@ -394,10 +394,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             if result.status == "stopped":
                 print(f"stopped at step {result.step}; rerun the same command to resume")
                 sys.exit(130 if signal.SIGINT in _STOP_SIGNALS else 143)
+        table = format_table(results)
+        print()
+        print(table)
+        write_table(workdir, config, results, table, command_line)
     except (cfg.ConfigError, DataError) as err:
         print(f"mpdnn.train: error: {err}", file=sys.stderr)
         sys.exit(2)
     except (TrainingError, CheckpointError) as err:
+        print(f"mpdnn.train: training failed: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:  # writing the run's files (e.g. a full disk)
         print(f"mpdnn.train: training failed: {err}", file=sys.stderr)
         sys.exit(1)
     finally:
@@ -405,10 +412,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             signal.signal(s, handler)
         if _STOP_SIGNALS:  # the stop this call's signals asked for is done
             STOP_REQUESTED.clear()
-    table = format_table(results)
-    print()
-    print(table)
-    write_table(workdir, config, results, table, command_line)
     print(f"results in {workdir} (table.md, table.json; summary.json, report.json per run)")
     infeasible = [n or config.name for n, r in results.items() if r.feasible is False]
     if infeasible:

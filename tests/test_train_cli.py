@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,100 @@ def test_help_lists_every_config_key_with_its_value_and_meaning(capsys, monkeypa
     with pytest.raises(SystemExit):
         train.main(["--config", "experiments/cifar10.py:row=float", "--help"])
     assert "  train.epochs = 160\n" in capsys.readouterr().out
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, capsys, monkeypatch):
+    """The disk fills after the first checkpoint: one line, exit 1, that checkpoint kept."""
+    import collections
+    import shutil
+
+    monkeypatch.chdir(REPO)
+    usage = collections.namedtuple("usage", "total used free")
+    checkpoints = tmp_path / "float" / "checkpoints"
+    full = {"on": True}
+
+    def disk_usage(path):
+        saved = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+        return usage(1 << 40, 0, 1000 if saved and full["on"] else 1 << 40)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    args = ["--config", "experiments/digits.py", "--config.run_variants=float"]
+    args += ["--config.train.epochs=10", "--config.optim.decay_epochs=(6, 8)"]
+    args += ["--config.train.progress=false", "--workdir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        train.main(args)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mpdnn.train: training failed: no room for the checkpoint at step"), err
+    assert last.endswith("0.00 MB is free; the checkpoint at step 110 is kept"), last
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [110]
+
+    full["on"] = False
+    train.main(args)  # returns: the run completes
+    assert "resuming" in capsys.readouterr().err
+    assert json.loads((tmp_path / "float" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_disk_filled_during_a_save_ends_in_a_few_lines(tmp_path):
+    """A real full disk (a 600 KB tmpfs, root only), filled while orbax writes: the room check
+    is told there is plenty, so orbax meets the full disk itself. Its log records keep one
+    line each and the command ends with its own."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()[:100]}")
+    try:
+        code = (
+            "import collections, shutil, sys\n"
+            "u = collections.namedtuple('u', 'total used free')\n"
+            "shutil.disk_usage = lambda p: u(1 << 40, 0, 1 << 40)\n"
+            "from mpdnn import train\n"
+            "sys.argv[0] = 'mpdnn.train'\n"
+            "train.run()\n"
+        )
+        args = ["--config", "experiments/digits.py", "--config.run_variants=float"]
+        args += ["--config.train.progress=false", "--workdir", str(mount / "run")]
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True
+        )
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    # Whichever write meets the full disk first (a checkpoint's, the metrics') is named;
+    # orbax's threads may still log a line after it.
+    ours = [line for line in lines if line.startswith("mpdnn.train:")]
+    assert len(ours) == 1 and ours[0].startswith("mpdnn.train: training failed: "), lines
+    assert "No space left on device" in ours[0]
+    # No log record or thread hook prints a traceback. What mpdnn cannot route: tensorstore,
+    # calling back into the event loop orbax closed when its first write failed, prints a
+    # traceback through asyncio's base_events.py per pending write (interleaved with the rest).
+    frames = [line for line in lines if line.lstrip().startswith('File "')]
+    assert all("asyncio/base_events.py" in line for line in frames), proc.stderr[-3000:]
+    records = [line for line in lines if re.match(r"[EWF]\d{4} ", line)]
+    assert len(records) <= 12, proc.stderr[-3000:]
+
+
+def test_log_records_print_their_message_without_the_traceback():
+    import logging
+
+    from absl import logging as absl_logging
+
+    from mpdnn.cli import terminal_logging
+
+    terminal_logging()
+    try:
+        raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
+    except ValueError:
+        record = logging.LogRecord(
+            "absl", logging.ERROR, __file__, 1, "save failed in %s", ("/x",), sys.exc_info()
+        )
+    text = absl_logging.get_absl_handler().format(record)
+    assert text.startswith("E") and text.endswith("] save failed in /x") and "\n" not in text
+    assert not logging.getLogger("asyncio").isEnabledFor(logging.ERROR)
+    assert absl_logging.get_verbosity() == absl_logging.WARNING

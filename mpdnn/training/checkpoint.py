@@ -17,9 +17,15 @@ crash mid-save leaves a directory orbax never lists. A finished checkpoint that 
 later (truncated or deleted files) is skipped by :meth:`Checkpointer.restore`, which falls back
 to the next older step with a warning (orbax does not).
 
-Logging goes through ``absl.logging``, as orbax's does: ``python -m mpdnn.train`` sets absl's
-verbosity to WARNING, which keeps orbax's INFO lines (dozens per save) off the terminal. A
-failed read may leave a few lines of orbax's own on stderr beside the one-line warning.
+A save that the disk has no room for (by the newest checkpoint's size, or before the first,
+its arrays' bytes and a margin) is refused with a one-line :class:`CheckpointError` before
+orbax writes anything, so the checkpoints already written stay whole and the run ends at
+once rather than one save later.
+
+Logging goes through ``absl.logging``, as orbax's does. The commands show WARNING and above,
+one line per record without its traceback (:func:`mpdnn.cli.terminal_logging`), which keeps
+orbax's INFO lines (dozens per save) off the terminal. A failed read, or a disk that someone
+else fills during a save, leaves a few such lines of orbax's beside the command's own.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,11 +42,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mpdnn.training.placement import any_process
+
 PyTree = Any
 
 _STATE = "state"
 _METADATA = "metadata"
 _REASON_CHARS = 240
+# Room for orbax's small files (metadata, manifests: about 20 a checkpoint, each taking a
+# block of 4 KiB or more) beyond a checkpoint's arrays.
+_SMALL_FILES = 256 * 1024
 
 
 class CheckpointError(RuntimeError):
@@ -115,6 +127,7 @@ class Checkpointer:
         if step in self._manager.all_steps():
             logging.debug("checkpoint at step %d in %s exists; not saving", step, self.directory)
             return False
+        self._check_room(step, state)
         args = ocp.args.Composite(
             **{_STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(payload)}
         )
@@ -128,6 +141,42 @@ class Checkpointer:
             raise CheckpointError(
                 f"saving checkpoint at step {step} in {self.directory} failed ({_reason(e)})"
             ) from e
+
+    def _check_room(self, step: int, state: PyTree) -> None:
+        """Raises :class:`CheckpointError` (in every process, if any one lacks the room)
+        when the disk has less free space than a checkpoint takes.
+
+        orbax meets a full disk in a dozen threads at once, each logging its traceback, and
+        reports it one save late; a save that will not fit is refused before it starts, and
+        the checkpoints already written stay whole. A disk filled by someone else during a
+        save still fails it, later and more noisily, with the same outcome."""
+        self.wait()  # a save still in flight holds space that is not free yet
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:  # a file system without the numbers: no check
+            free = None
+        need = self._room_needed(state)
+        short = free is not None and free < need
+        if any_process(short):
+            kept = self._manager.latest_step()
+            raise CheckpointError(
+                f"no room for the checkpoint at step {step} in {self.directory}: it takes "
+                f"about {_megabytes(need)} and "
+                + (f"{_megabytes(free)} is free" if short else "another process lacks it")
+                + (f"; the checkpoint at step {kept} is kept" if kept is not None else "")
+            )
+
+    def _room_needed(self, state: PyTree) -> int:
+        """Bytes the next checkpoint takes on disk: what the newest one takes (a run saves
+        the same arrays each time), or, before the first, its arrays' bytes and room for
+        orbax's few dozen small files."""
+        latest = self._manager.latest_step()
+        if latest is not None:
+            taken = _allocated(os.path.join(self.directory, str(latest)))
+            if taken:
+                return int(1.1 * taken)
+        nbytes = sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(state))
+        return int(1.25 * nbytes) + _SMALL_FILES
 
     def wait(self) -> None:
         """Blocks until every started save is complete and durable."""
@@ -226,6 +275,23 @@ class Checkpointer:
         return restored[_STATE], metadata
 
 
+def _allocated(directory: str) -> int:
+    """The bytes the files under ``directory`` take on disk (0 if it is missing)."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            total += max(st.st_size, 512 * getattr(st, "st_blocks", 0))
+    return total
+
+
+def _megabytes(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB"
+
+
 def _as_step(step: int) -> int:
     """``step`` as a non-negative Python int (numpy and 0-d jax integers too)."""
     value = operator.index(step)
@@ -261,7 +327,12 @@ def _json_default(value: Any) -> Any:
 
 
 def _reason(error: BaseException) -> str:
-    """``error`` as one short line: its type and the first line of its message."""
+    """``error`` as one short line: its type and the first line of its message. A long line
+    keeps its start and its end, where tensorstore says what went wrong (e.g. "No space
+    left on device")."""
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+    if len(text) <= _REASON_CHARS:
+        return text
+    tail = _REASON_CHARS // 2
+    return text[: _REASON_CHARS - tail - 5] + " ... " + text[-tail:]

@@ -20,6 +20,7 @@ One run of a :mod:`mpdnn.training.config` ``ConfigDict``, read top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shlex
 import sys
@@ -299,9 +300,11 @@ def _train_and_evaluate(config, run: RunDir, should_stop, command: str) -> RunRe
             # Resumed a finished run (or ended on an authors' evaluation): evaluate again.
             state, last_eval = evaluator(state, step, save_best=False)
     finally:
-        progress.close()
-        ckpt.close()
-        best_ckpt.close()
+        # Each closes even when one before it raises (a full disk fails them all): orbax's
+        # save threads end, and the error raised is the last one, chained to the others.
+        with contextlib.ExitStack() as closing:
+            for close in (best_ckpt.close, ckpt.close, progress.close):
+                closing.callback(close)
 
     if status == "stopped":
         writer.close()

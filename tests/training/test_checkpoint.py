@@ -387,3 +387,48 @@ def test_metadata_is_stored_as_json(tmp_path):
         _, _, restored = ckpt.restore({"w": jnp.zeros(2)})
     assert restored == {"epoch": 3, "error": 0.25, "sizes": [0, 1, 2], "4": [1]}
     assert (tmp_path / "1" / "metadata" / "metadata").is_file()
+
+
+class _Usage(NamedTuple):
+    total: int
+    used: int
+    free: int
+
+
+def _allocated(path: Path) -> int:
+    """What the files under ``path`` take on disk, as ``du`` counts it."""
+    return sum(512 * p.stat().st_blocks for p in path.rglob("*") if p.is_file())
+
+
+def test_a_save_that_will_not_fit_is_refused_and_the_last_checkpoint_kept(tmp_path, monkeypatch):
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.save(1, train_state(1))
+        ckpt.wait()
+        taken = _allocated(step_dir(tmp_path, 1))
+        monkeypatch.setattr(shutil, "disk_usage", lambda _: _Usage(1 << 40, 0, taken // 2))
+        with pytest.raises(CheckpointError) as error:
+            ckpt.save(2, train_state(2))
+        assert str(error.value).startswith(f"no room for the checkpoint at step 2 in {tmp_path}")
+        assert str(error.value).endswith("; the checkpoint at step 1 is kept")
+        assert ckpt.all_steps() == [1]
+        monkeypatch.setattr(shutil, "disk_usage", lambda _: _Usage(1 << 40, 0, 2 * taken))
+        assert ckpt.save(2, train_state(2))
+    with Checkpointer(tmp_path) as ckpt:
+        step, state, _ = ckpt.restore(train_state(0))
+    assert step == 2
+    assert_bitwise_equal(state, train_state(2))
+
+
+def test_a_first_save_needs_more_than_its_arrays(tmp_path, monkeypatch):
+    """Before any checkpoint exists the arrays' bytes are the guide; a real checkpoint takes
+    more than them, so a disk with exactly that much free is refused."""
+    state = train_state(1)
+    nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    with Checkpointer(tmp_path / "real") as ckpt:
+        ckpt.save(1, state)
+    assert _allocated(tmp_path / "real") > nbytes
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: _Usage(1 << 40, 0, nbytes))
+    with Checkpointer(tmp_path / "full") as ckpt:
+        with pytest.raises(CheckpointError, match=r"^no room .* MB is free$"):
+            ckpt.save(1, state)
+        assert ckpt.all_steps() == []
