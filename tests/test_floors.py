@@ -19,7 +19,7 @@ def test_every_floor_is_pinned_in_the_floors_leg_and_nothing_else():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = list(project["dependencies"])
     for name, extra in project["optional-dependencies"].items():
-        if name in ("train", "test"):  # dev is these and ruff; tf is never installed here
+        if name in ("train", "test", "export"):  # dev: these and ruff; tf: never installed
             declared += extra
     floors = {_name(r): r.split(">=", 1)[1] for r in declared}
     pins = {}

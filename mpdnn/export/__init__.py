@@ -1,6 +1,6 @@
 """Export a trained mixed-precision network as bit-packed integers (docs/export.md).
 
-    python -m mpdnn.export --workdir RUN [--out RUN/model.mpq] [--verify N] [--json]
+    python -m mpdnn.export --workdir RUN [--format mpq|onnx] [--out FILE] [--verify N] [--json]
 
 Modules:
   codec: one tensor's encoding: weights as b-bit integer codes (:func:`encode_weight`,
@@ -12,6 +12,8 @@ Modules:
   reference: the NumPy integer reference forward of ResNet-20 (:func:`reference_forward`,
     :func:`reference_trace`, :class:`Trace`) and its comparison with the Flax model
     (:func:`flax_forward`, :func:`compare`).
+  to_onnx: the same model as an ONNX QDQ graph that onnxruntime runs (:func:`export_onnx`,
+    :func:`to_onnx`, :func:`compare_onnx`; needs the ``export`` extra).
   cli: ``python -m mpdnn.export`` (:func:`main`).
 """
 

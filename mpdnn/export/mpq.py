@@ -527,6 +527,16 @@ def export_model(
     weight_kb · 8192``; the table records :func:`~mpdnn.optim.memory`'s totals, and a
     mismatch raises :class:`ExportError`.
     """
+    weights, activations, floats, table = encode_model(model, meta=meta)
+    result = write(path, weights, activations=activations, floats=floats, meta=table)
+    return {**result, **table["accounting"], "path": str(path)}
+
+
+def encode_model(
+    model: nnx.Module, *, meta: Mapping[str, Any] | None = None
+) -> tuple[list[WeightTensor], list[dict[str, Any]], dict[str, np.ndarray], dict[str, Any]]:
+    """What :func:`export_model` writes: the weight tensors, the activation entries, the
+    float arrays (BatchNorm, logit scale) and the table."""
     # docs/method.md §5's totals and per-tensor bits, which the payload follows
     sizes = memory(model)
     tensors = counted_tensors(model)  # the same tensors in the same (forward) order
@@ -602,5 +612,4 @@ def export_model(
             f"packed {weight_bits} weight bits but the accounting counts "
             f"{float(sizes.weight_kb) * KB} (a bitwidth that is not an integer?)"
         )
-    result = write(path, weights, activations=activations, floats=floats, meta=table)
-    return {**result, **table["accounting"], "path": str(path)}
+    return weights, activations, floats, table

@@ -16,7 +16,10 @@ decay masks, logging).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import jax
@@ -28,6 +31,24 @@ import mpdnn.quantizers as mq
 Mode = Literal["learned", "tqt", "fixed", "float"]
 Kind = Literal["weight", "activation"]
 FLOAT_BITS = 32.0
+
+# Set only inside replace_quantizers: every quantized Quantizer's call goes to it instead.
+_REPLACEMENT: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "mpdnn_quantizer_replacement", default=None
+)
+
+
+@contextlib.contextmanager
+def replace_quantizers(call: Callable[[Quantizer, jax.Array], jax.Array]) -> Iterator[None]:
+    """Within the block, each quantized :class:`Quantizer` returns ``call(quantizer, x)``
+    instead of quantizing ``x`` (float ones still return ``x``). For tools that trace a model
+    and need to see its quantizers as such, e.g. the ONNX exporter, which marks each one in
+    the traced graph and writes it as integer codes and a quantize-dequantize pair."""
+    token = _REPLACEMENT.set(call)
+    try:
+        yield
+    finally:
+        _REPLACEMENT.reset(token)
 
 
 class QuantParam(nnx.Param):
@@ -148,6 +169,9 @@ class Quantizer(nnx.Module):
         spec = self.spec
         if spec is None:
             return x
+        replacement = _REPLACEMENT.get()
+        if replacement is not None:
+            return replacement(self, x)
         return mq.quantize(x, self.theta(), spec)
 
     def bits(self) -> jax.Array:
