@@ -98,6 +98,15 @@ def markdown(record: dict) -> str:
             f"{r['weight_initializer_bytes']:,} | {r['accounted_weight_bytes']:,.0f} | "
             f"{ratio:.3f} |"
         )
+    trained = record["models"]["trained_run"].get("trained_with")
+    if trained:
+        lines += [
+            "",
+            f"`trained_run` was trained by `{trained['command']}` (commit "
+            f"`{str(trained['git_commit'])[:10]}`, {trained['date_utc']}); its test error is "
+            f"{record['models']['trained_run']['run'].get('test_error')}: a short run whose "
+            "export is checked here, not a reproduction of the paper's accuracy.",
+        ]
     lines += [
         "",
         "The initializers exceed the accounted memory where ONNX has no type of a layer's "
@@ -134,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         model, run = load_run(args.workdir)
         images, data = _test_images(args.workdir, args.images)
         models["trained_run"] = {**check(model, images, data, tmp), "run": run}
+        table = args.workdir / "table.json"  # how the run was trained, when it says
+        if table.is_file():
+            trained = json.loads(table.read_text()).get("provenance", {})
+            models["trained_run"]["trained_with"] = {
+                k: trained.get(k) for k in ("command", "git_commit", "date_utc", "wall_time_s")
+            }
         print(f"trained_run: {models['trained_run']['top1_agreement']:.4f}", flush=True)
         for name, family, size in [
             ("resnet20_u3", "uniform", 32),
