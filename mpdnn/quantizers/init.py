@@ -36,7 +36,7 @@ import numpy as np
 
 from mpdnn.quantizers._ste import round_half_away
 from mpdnn.quantizers.parametrizations import check_spec
-from mpdnn.quantizers.spec import _MAX_BITS, QuantSpec
+from mpdnn.quantizers.spec import MAX_BITS, QuantSpec
 
 RANDOM_INIT_STEP = 2.0**-3
 _EDGE_MARGIN = 2.0**-10  # relative distance from a box edge, see the module docstring
@@ -97,7 +97,7 @@ def _check_bits(spec: object, bits: object, where: str) -> int:
     if spec.learns_bits:
         hi, why = math.floor(spec.b_range[1]), "b is a raw θ boxed to spec.b_range"
     else:
-        hi, why = _MAX_BITS, f"b_range[0] is b_min; no QuantSpec box exceeds {_MAX_BITS} bits"
+        hi, why = MAX_BITS, f"b_range[0] is b_min; no QuantSpec box exceeds {MAX_BITS} bits"
     if not lo <= bits <= hi:
         raise ValueError(
             f"cannot start a {spec.describe()} quantizer at {bits} bits: expected an integer "

@@ -50,7 +50,7 @@ SHORT_NAMES: dict[tuple[str, str], str] = {
 }
 
 # Widest bitwidth box we accept: 2**(b-1) levels must stay exact in float32.
-_MAX_BITS = 24
+MAX_BITS = 24
 
 
 @jax.tree_util.register_static
@@ -107,8 +107,8 @@ class QuantSpec:
             # Normalise to a tuple of floats so equal specs hash equally.
             object.__setattr__(self, name, (lo, hi))
         b_lo, b_hi = self.b_range
-        if b_lo < 1 or b_hi > _MAX_BITS:
-            raise ValueError(f"b_range must lie within [1, {_MAX_BITS}], got {self.b_range}")
+        if b_lo < 1 or b_hi > MAX_BITS:
+            raise ValueError(f"b_range must lie within [1, {MAX_BITS}], got {self.b_range}")
         needed = self._min_magnitude_bits + b_lo - self.magnitude_bits(b_lo)
         if self.learns_bits and b_lo < needed:
             raise ValueError(
