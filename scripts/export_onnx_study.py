@@ -37,20 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def randomize_batch_norms(model: nnx.Module, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, nnx.BatchNorm):
-            n = m.mean[...].shape[0]
-            m.mean[...] = rng.normal(0, 0.3, n).astype(np.float32)
-            m.var[...] = rng.uniform(0.2, 2, n).astype(np.float32)
-            m.scale[...] = rng.uniform(0.5, 1.5, n).astype(np.float32)
-            m.bias[...] = rng.normal(0.3, 0.3, n).astype(np.float32)
-
-
 def random_model(name: str, family: str, size: int):
     from mpdnn.models import build
     from mpdnn.nn import LogitScale, QuantConfig, Rule, quantize_model
+    from tests.export.cases import randomize_batch_norms  # the export tests' statistics
 
     kwargs = {} if name == "resnet20" else {"input_shape": (size, size, 3)}
     model = build(name, rngs=nnx.Rngs(0), **kwargs)

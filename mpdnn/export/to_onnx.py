@@ -53,12 +53,13 @@ import numpy as np
 from flax import nnx
 from jax.extend.core import Literal, Primitive
 
-from mpdnn.export.codec import _SQRT2, ExportError, WeightTensor
+from mpdnn.export.codec import ExportError, WeightTensor
 from mpdnn.export.mpq import encode_model
 from mpdnn.nn import quantizable_sites
 from mpdnn.nn.quantizer import replace_quantizers
 
 OPSET = 25
+_SQRT2 = np.float32(math.sqrt(2.0))  # pow2_round's threshold mantissa, as the codec's
 INPUT, OUTPUT = "images", "logits"
 
 # A quantizer in the traced graph: its output is its input's shape; ``index`` says which.
@@ -553,10 +554,11 @@ def compare_onnx(model: nnx.Module, onnx_model: Any, images: np.ndarray) -> dict
     """
     import onnxruntime as ort
 
-    source = onnx_model if isinstance(onnx_model, str | Path) else onnx_model.SerializeToString()
-    session = ort.InferenceSession(
-        str(source) if isinstance(source, Path) else source, providers=["CPUExecutionProvider"]
-    )
+    if isinstance(onnx_model, str | Path):
+        source = str(onnx_model)
+    else:
+        source = onnx_model.SerializeToString()
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     x = np.asarray(images, np.float32)
     got = np.concatenate(
         [session.run([OUTPUT], {INPUT: x[i : i + 256]})[0] for i in range(0, len(x), 256)]

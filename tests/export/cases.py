@@ -24,10 +24,8 @@ def round_trip(tmp_path, tensors):
     return sizes, ex.load(path)
 
 
-def resnet20(rules, *, logit_scale=False, seed=0):
-    """A quantized ResNet-20 with non-trivial BatchNorm statistics (eval mode)."""
-    model = build("resnet20", rngs=nnx.Rngs(seed))
-    quantize_model(model, rules)
+def randomize_batch_norms(model, seed=0):
+    """Running statistics a trained net might have (fresh ones make most sites zero)."""
     rng = np.random.default_rng(seed)
     for _, m in nnx.iter_modules(model):
         if isinstance(m, nnx.BatchNorm):
@@ -36,6 +34,13 @@ def resnet20(rules, *, logit_scale=False, seed=0):
             m.var[...] = rng.uniform(0.2, 2, n).astype(np.float32)
             m.scale[...] = rng.uniform(0.5, 1.5, n).astype(np.float32)
             m.bias[...] = rng.normal(0.3, 0.3, n).astype(np.float32)
+
+
+def resnet20(rules, *, logit_scale=False, seed=0):
+    """A quantized ResNet-20 with non-trivial BatchNorm statistics (eval mode)."""
+    model = build("resnet20", rngs=nnx.Rngs(seed))
+    quantize_model(model, rules)
+    randomize_batch_norms(model, seed)
     if logit_scale:
         model = LogitScale(model)
         model.scale[...] = 1.7

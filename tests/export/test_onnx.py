@@ -16,7 +16,7 @@ from mpdnn.export.codec import ExportError
 from mpdnn.export.to_onnx import compare_onnx, export_onnx, to_onnx
 from mpdnn.models import build
 from mpdnn.nn import QuantConfig, Rule, quantize_model
-from tests.export.cases import resnet20
+from tests.export.cases import randomize_batch_norms, resnet20
 
 # The ONNX integer type (and its width) the issue's rule gives b learned bits: the smallest
 # of INT2, INT4, INT8, INT16, INT32 that holds them.
@@ -29,18 +29,6 @@ def width(bits: int) -> int:
 
 def random_images(n: int, shape, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
-
-
-def randomize_batch_norms(model: nnx.Module, seed: int = 0) -> None:
-    """Running statistics a trained net might have (fresh ones make most sites zero)."""
-    rng = np.random.default_rng(seed)
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, nnx.BatchNorm):
-            n = m.mean[...].shape[0]
-            m.mean[...] = rng.normal(0, 0.3, n).astype(np.float32)
-            m.var[...] = rng.uniform(0.2, 2, n).astype(np.float32)
-            m.scale[...] = rng.uniform(0.5, 1.5, n).astype(np.float32)
-            m.bias[...] = rng.normal(0.3, 0.3, n).astype(np.float32)
 
 
 def initializer_types(proto) -> dict[str, int]:
