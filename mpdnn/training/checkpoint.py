@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from typing import Any
@@ -328,11 +329,21 @@ def _json_default(value: Any) -> Any:
 
 def _reason(error: BaseException) -> str:
     """``error`` as one short line: its type and the first line of its message. A long line
-    keeps its start and its end, where tensorstore says what went wrong (e.g. "No space
-    left on device")."""
+    keeps its start and its end; when the message carries an operating-system error
+    (``errno``, or tensorstore's ``os_error_code='28'``) whose text the shortened line lost,
+    the text is appended (e.g. "[No space left on device]")."""
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     if len(text) <= _REASON_CHARS:
         return text
     tail = _REASON_CHARS // 2
-    return text[: _REASON_CHARS - tail - 5] + " ... " + text[-tail:]
+    short = text[: _REASON_CHARS - tail - 5] + " ... " + text[-tail:]
+    code = getattr(error, "errno", None)
+    if not isinstance(code, int):
+        found = re.search(r"os_error_code='?(\d+)", str(error))
+        code = int(found.group(1)) if found else None
+    if code is not None:
+        meaning = os.strerror(code)
+        if meaning not in short:
+            short += f" [{meaning}]"
+    return short

@@ -432,3 +432,18 @@ def test_a_first_save_needs_more_than_its_arrays(tmp_path, monkeypatch):
         with pytest.raises(CheckpointError, match=r"^no room .* MB is free$"):
             ckpt.save(1, state)
         assert ckpt.all_steps() == []
+
+
+def test_a_long_tensorstore_error_keeps_the_operating_system_reason():
+    """tensorstore puts "No space left on device" mid-message and the code at the end; the
+    shortened one-line reason still says what the operating system said."""
+    from mpdnn.training.checkpoint import _reason
+
+    middle = "Error writing local file: No space left on device " + "x" * 600
+    error = ValueError(f"WRITE failed: {'y' * 300} {middle} [os_error_code='28']")
+    reason = _reason(error)
+    assert reason.startswith("ValueError: WRITE failed") and len(reason) < 300
+    assert reason.endswith("[No space left on device]"), reason
+    assert _reason(OSError(28, "No space left on device")).count("No space left") == 1
+    short = _reason(ValueError("disk trouble [os_error_code='28']"))
+    assert short == "ValueError: disk trouble [os_error_code='28']"
