@@ -1,10 +1,11 @@
-"""ImageNet (``imagenet2012``) streamed from a prepared tfds data source, decoded on threads.
+"""ImageNet (``imagenet2012``) streamed from a prepared tfds data source, decoded with grain.
 
 ImageNet does not fit in host memory, so unlike the other datasets it is read record by
 record: ``tfds.data_source`` (array_record, no TensorFlow) gives random access, a per-epoch
 permutation that every process computes identically gives the order, and each process decodes
-only its own slice of each global batch. Preprocessing is the standard one, in NumPy and
-Pillow so it runs in plain threads: Inception-style random-resized-crop + flip for training,
+only its own slice of each global batch, in a grain pipeline (threads, optionally worker
+processes). Preprocessing is the standard one, in NumPy and Pillow (which releases the GIL,
+so threads decode in parallel): Inception-style random-resized-crop + flip for training,
 resize-256 / center-crop-224 for evaluation, then torchvision's per-channel mean/std.
 """
 
@@ -13,9 +14,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -136,18 +135,30 @@ def normalize_imagenet(images_float: np.ndarray) -> np.ndarray:
 
 
 class ImageNetBatches:
-    """One epoch of process-local batches ``(images float32 NHWC normalised, labels int32)``.
+    """One epoch of process-local batches ``(images float32 NHWC normalised, labels int32)``,
+    decoded by a grain pipeline.
 
     The order is a permutation of the whole split drawn from ``(seed, epoch)``, identical on
     every process; global batch ``k`` is positions ``[k·B, (k+1)·B)`` of it, and process ``p``
     of ``P`` takes the ``p``-th contiguous ``B/P`` of that, so the processes' batches
     concatenated in process order are exactly the global batch. Training crops draw from a
     generator seeded by ``(seed, epoch, example index)``: a given example is augmented the same
-    way whatever the process count or thread timing.
+    way whatever the process count, thread or worker timing.
+
+    The pipeline (:meth:`dataset`) is ``grain.MapDataset.source`` over this process's example
+    indices from the first batch asked for, a ``map`` that decodes and augments one example,
+    and a ``batch`` of the local share; ``num_workers`` threads decode ahead
+    (``grain.ReadOptions``), and with ``worker_processes > 0`` the batches are made in that
+    many worker processes (``mp_prefetch``; grain keeps their order). Resuming needs no
+    iterator state: the position in the epoch is a function of the training step, and
+    ``iterate(start)`` builds the pipeline from global batch ``start`` on, decoding nothing it
+    skips; it yields exactly what an uninterrupted epoch yields from there (the same result
+    as restoring grain's own ``get_state()``, which the tests check).
 
     Args:
       source: random-access records ``{"image": jpeg bytes or uint8 HWC, "label": int}``
-        (a tfds data source, or any sequence of such dicts).
+        (a tfds data source, or any sequence of such dicts; picklable when
+        ``worker_processes > 0``, as tfds data sources are).
       global_batch_size: examples per step over all processes; divisible by ``process_count``.
       process_index, process_count: this process and how many share the batch
         (``jax.process_index()``, ``jax.process_count()``).
@@ -156,7 +167,13 @@ class ImageNetBatches:
       drop_remainder: drop the last partial global batch (default for training). When False,
         the last batch is split the same way and may be short or, on some processes, absent.
       size, resize: output size and eval resize (224, 256).
-      num_workers: decoding threads; prefetch: batches decoded ahead.
+      num_workers: decoding threads in all. Without worker processes they decode single
+        examples; with them they are shared out among the processes (at least one each), and
+        each thread makes whole batches.
+      prefetch: batches decoded ahead (per worker process, when there are some).
+      worker_processes: 0 (default): decode in threads of this process, enough when Pillow's
+        decoding (which releases the GIL) is most of the work; > 0: also in that many
+        spawned processes, for when Python-level work per example limits the threads.
     """
 
     def __init__(
@@ -174,6 +191,7 @@ class ImageNetBatches:
         resize: int = 256,
         num_workers: int = 16,
         prefetch: int = 2,
+        worker_processes: int = 0,
     ):
         if process_count < 1 or not 0 <= process_index < process_count:
             raise DataError(
@@ -184,6 +202,8 @@ class ImageNetBatches:
                 f"global batch size {global_batch_size} must be a positive multiple of the "
                 f"process count {process_count}"
             )
+        if worker_processes < 0:
+            raise DataError(f"worker_processes={worker_processes} must be 0 or more")
         self.source = source
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
@@ -192,6 +212,7 @@ class ImageNetBatches:
         self.drop_remainder = train if drop_remainder is None else drop_remainder
         self.size, self.resize = size, resize
         self.num_workers, self.prefetch = max(1, num_workers), max(1, prefetch)
+        self.worker_processes = worker_processes
 
     def __len__(self) -> int:
         """Global batches in the epoch."""
@@ -212,7 +233,8 @@ class ImageNetBatches:
         end = min(start + self.local_batch_size, (batch + 1) * self.global_batch_size)
         return order[start:end]
 
-    def _example(self, index: int) -> tuple[np.ndarray, int]:
+    def example(self, index: int) -> tuple[np.ndarray, int]:
+        """Source record ``index`` decoded and (for training) augmented: uint8 HWC, label."""
         record = self.source[int(index)]
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, int(index)])
@@ -221,29 +243,79 @@ class ImageNetBatches:
             image = preprocess_imagenet_eval(record["image"], self.size, self.resize)
         return image, int(record["label"])
 
-    def _assemble(self, futures: list[Future]) -> tuple[np.ndarray, np.ndarray]:
-        examples = [f.result() for f in futures]
+    @staticmethod
+    def collate(examples: Sequence[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded examples → ``(normalised float32 images, int32 labels)``."""
         images = np.stack([e[0] for e in examples]).astype(np.float32)
         labels = np.array([e[1] for e in examples], np.int32)
         return normalize_imagenet(images).astype(np.float32), labels
+
+    def dataset(self, start: int = 0):
+        """The epoch's local batches from global batch ``start`` on, as a ``grain.IterDataset``.
+
+        This process's shares of batches ``start, start+1, …`` are contiguous runs of
+        ``local_batch_size`` indices (only the very last may be shorter), so batching their
+        concatenation in runs of that size gives exactly the shares.
+        """
+        return self._pipeline(self._indices(start))
+
+    def _indices(self, start: int) -> np.ndarray:
+        """This process's shares of global batches ``start, start+1, …``, concatenated."""
+        order = self.order()
+        shares = [self.local_indices(b, order) for b in range(start, len(self))]
+        return np.concatenate([np.zeros(0, np.int64), *shares]).astype(np.int64)
+
+    def _pipeline(self, indices: np.ndarray):
+        grain = _grain()
+        examples = grain.MapDataset.source(indices).map(self.example)
+        batch = self.local_batch_size
+        if not self.worker_processes:
+            read = grain.ReadOptions(
+                num_threads=self.num_workers, prefetch_buffer_size=self.prefetch * batch
+            )
+            return examples.to_iter_dataset(read).batch(batch, batch_fn=self.collate)
+        threads = max(1, self.num_workers // self.worker_processes)
+        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)
+        _let_grain_read_its_flags()
+        return (
+            examples.batch(batch, batch_fn=self.collate)
+            .to_iter_dataset(read)
+            .mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self.worker_processes, per_worker_buffer_size=self.prefetch
+                )
+            )
+        )
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return self.iterate()
 
     def iterate(self, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The epoch's batches from global batch ``start`` on (a run resumed mid-epoch
-        decodes nothing it skips)."""
-        order = self.order()
-        shares = (self.local_indices(b, order) for b in range(start, len(self)))
-        shares = (s for s in shares if len(s))
-        pool = ThreadPoolExecutor(max_workers=self.num_workers)
+        decodes nothing it skips). Threads and worker processes stop when the generator is
+        closed or garbage-collected, also mid-epoch."""
+        indices = self._indices(start)
+        if not len(indices):  # nothing left for this process (a short last batch)
+            return
+        iterator = iter(self._pipeline(indices))
         try:
-            pending: deque[list[Future]] = deque()
-            for share in shares:
-                pending.append([pool.submit(self._example, i) for i in share])
-                if len(pending) > self.prefetch:
-                    yield self._assemble(pending.popleft())
-            while pending:
-                yield self._assemble(pending.popleft())
+            yield from iterator
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            iterator.close()
+
+
+def _grain():
+    try:
+        import grain
+    except ImportError as error:  # pragma: no cover - grain is in the train extra
+        raise DataError("streamed input needs grain: pip install 'mpdnn[train]'") from error
+    return grain
+
+
+def _let_grain_read_its_flags() -> None:
+    """grain's worker processes read grain's absl flags, which fail unparsed outside an absl
+    app: mark them parsed (at their defaults) when no one has parsed them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

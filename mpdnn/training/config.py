@@ -97,7 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.stream = False
     c.data.image_size = 224  # random-resized crop / center crop size of streamed images
     c.data.eval_resize = 256  # shorter side before the center crop (evaluation)
-    c.data.workers = 16  # host decoding threads
+    c.data.workers = 16  # host decoding threads (grain), in all
+    # > 0: also decode in this many grain worker processes (spawned each epoch; for when
+    # Python-level work per example, not Pillow's GIL-free decoding, limits the threads)
+    c.data.worker_processes = 0
 
     c.quant = ml_collections.ConfigDict()
     c.quant.weights = quantizer_config("float", bits=4)

@@ -2,7 +2,8 @@
 
 The device-resident path of :mod:`mpdnn.training.trainer` keeps a whole dataset on the
 accelerators (CIFAR-10 is 150 MB); ImageNet is 140 GB of JPEGs, so its batches are decoded
-and augmented on the host by :class:`mpdnn.data.ImageNetBatches` (threads, a per-epoch
+and augmented on the host by :class:`mpdnn.data.ImageNetBatches` (a grain pipeline:
+``data.workers`` decoding threads, ``data.worker_processes`` worker processes, a per-epoch
 permutation shared by every process, each process decoding only its share of each global
 batch) and fed to the same jitted training chunk, ``train.steps_per_call`` batches per call.
 
@@ -64,6 +65,7 @@ class StreamingData:
     eval_resize: int
     workers: int
     description: str
+    worker_processes: int = 0
 
     @property
     def num_train(self) -> int:
@@ -89,6 +91,7 @@ class StreamingData:
             size=self.image_size,
             resize=self.eval_resize,
             num_workers=self.workers,
+            worker_processes=self.worker_processes,
             **kwargs,
         )
 
@@ -109,6 +112,7 @@ def streaming_data(config: ml_collections.ConfigDict, loaded=None) -> StreamingD
     size = int(d.get("image_size", 224))
     resize = int(d.get("eval_resize", 256))
     workers = int(d.get("workers", 16))
+    processes = int(d.get("worker_processes", 0))
     if d.name == "imagenet":
         train = mdata.imagenet_source(d.dir, "train")
         test = mdata.imagenet_source(d.dir, "validation")
@@ -122,6 +126,7 @@ def streaming_data(config: ml_collections.ConfigDict, loaded=None) -> StreamingD
             resize,
             workers,
             f"imagenet2012 from {d.dir or 'the default tfds data_dir'}",
+            processes,
         )
     assert loaded is not None
     channels = loaded.image_shape[-1]
@@ -140,6 +145,7 @@ def streaming_data(config: ml_collections.ConfigDict, loaded=None) -> StreamingD
         resize,
         workers,
         loaded.description + " (streamed, ImageNet preprocessing)",
+        processes,
     )
 
 

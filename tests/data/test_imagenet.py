@@ -188,3 +188,38 @@ def test_bad_sharding_arguments():
         ImageNetBatches([], 10, process_count=4)
     with pytest.raises(DataError, match="process_index"):
         ImageNetBatches([], 8, process_index=2, process_count=2)
+
+
+def assert_same_batches(got, expected):
+    assert len(got) == len(expected)
+    for (x, y), (xe, ye) in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(y, ye)
+        np.testing.assert_array_equal(x, xe)
+
+
+def test_worker_processes_make_the_same_batches_as_threads():
+    # Shuffled, augmented, process 0 of 2, with the short last share: [4, 4, 4, 2].
+    kwargs = {"train": True, "seed": 5, "drop_remainder": False, "process_count": 2}
+    source = fake_source(26, as_jpeg=True)
+    processes = run(source, worker_processes=2, **kwargs)
+    assert_same_batches(processes, run(source, **kwargs))
+    assert [len(y) for _, y in processes] == [4, 4, 4, 2]
+
+
+def test_iterate_from_a_batch_equals_restoring_grains_iterator_state():
+    source = fake_source(40, as_jpeg=True)
+    batches = ImageNetBatches(source, 8, size=6, num_workers=2, seed=2, epoch=3)
+    iterator = iter(batches.dataset())
+    head = [next(iterator) for _ in range(2)]
+    state = iterator.get_state()
+    restored = iter(batches.dataset())
+    restored.set_state(state)
+    tail = list(restored)
+    assert_same_batches(head + tail, list(batches))
+    assert_same_batches(tail, list(batches.iterate(start=2)))
+    assert list(batches.iterate(start=len(batches))) == []
+
+
+def test_negative_worker_processes_is_refused():
+    with pytest.raises(DataError, match="worker_processes=-1"):
+        ImageNetBatches([], 8, worker_processes=-1)

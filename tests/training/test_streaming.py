@@ -6,8 +6,10 @@ import jax
 import numpy as np
 import pytest
 
+from mpdnn import data as mdata
 from mpdnn.training import config as cfg
 from mpdnn.training.checkpoint import Checkpointer
+from mpdnn.training.streaming import streaming_data
 from mpdnn.training.trainer import train_and_evaluate
 
 
@@ -71,3 +73,13 @@ def test_imagenet_without_data_is_one_line(tmp_path):
     with pytest.raises(Exception, match="imagenet2012") as info:
         train_and_evaluate(c, tmp_path / "run")
     assert "\n" not in str(info.value)
+
+
+def test_data_worker_processes_reach_the_batcher():
+    c = streamed_config()
+    c.data.worker_processes = 2
+    loaded = mdata.load_dataset("synthetic", image_shape=(32, 32, 3), num_train=16, num_test=8)
+    batches = streaming_data(c, loaded).batches(train=True, batch=8, epoch=0, seed=0)
+    assert (batches.worker_processes, batches.num_workers) == (2, 2)
+    images, labels = next(iter(batches))
+    assert images.shape == (8, 24, 24, 3) and labels.shape == (8,)
