@@ -9,18 +9,23 @@ bytes:
 * ``jpeg``: 256×320 JPEG bytes (quality 90, smooth random images) cropped to 224×224, the
   work of one ImageNet training example (decode, crop, resize, flip).
 
-Each case runs one untimed epoch, then ``--repeats`` timed ones; reported per case: the
-median epoch time and host images/s (records / median). ``--worker-processes`` adds cases
-that decode in that many worker processes (``worker_processes``, when the installed
-ImageNetBatches has it). The last lines are one ``images/s`` per case.
+Per record set, every pipeline runs one untimed epoch, then ``--repeats`` rounds of one
+timed epoch each, the pipelines in turn within a round (so machine noise hits them alike).
+Reported per pipeline: the median epoch time, host images/s (records / median), and, with
+``--baseline``, the median of same-round speed ratios against it. Pipelines: ``threads``
+(this checkout's :class:`~mpdnn.data.ImageNetBatches`), ``processes`` (the same with
+``--worker-processes`` worker processes, when it has them), and ``baseline``: the
+ImageNetBatches of another file, e.g. an earlier commit's ``mpdnn/data/imagenet.py``
+(``git show <commit>:mpdnn/data/imagenet.py > /tmp/old_imagenet.py``).
 
-    python scripts/bench_input.py [--workers 2] [--worker-processes 2] [--repeats 3]
-        [--json PATH]
+    python scripts/bench_input.py [--workers 2] [--worker-processes 2] [--repeats 5]
+        [--baseline /tmp/old_imagenet.py] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import io
 import json
@@ -28,6 +33,7 @@ import shlex
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,17 +68,21 @@ def record_sets(num_rgb: int, num_jpeg: int) -> dict[str, tuple[list[dict], int,
     }
 
 
-def time_epochs(records, size, batch, repeats, **kwargs) -> list[float]:
-    times = []
-    for epoch in range(repeats + 1):
-        batches = ImageNetBatches(records, batch, size=size, epoch=epoch, train=True, **kwargs)
-        start = time.perf_counter()
-        count = sum(len(labels) for _, labels in batches)
-        elapsed = time.perf_counter() - start
-        assert count == len(batches) * batch, (count, len(batches), batch)
-        if epoch:  # the first epoch warms up (imports, worker start-up)
-            times.append(elapsed)
-    return times
+def load_baseline(path: Path):
+    """The ImageNetBatches class defined in the file ``path``."""
+    spec = importlib.util.spec_from_file_location("baseline_imagenet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ImageNetBatches
+
+
+def epoch_seconds(factory, records, size, batch, epoch) -> float:
+    batches = factory(records, batch, size=size, epoch=epoch, train=True)
+    start = time.perf_counter()
+    count = sum(len(labels) for _, labels in batches)
+    elapsed = time.perf_counter() - start
+    assert count == len(batches) * batch, (count, len(batches), batch)
+    return elapsed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,43 +91,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--worker-processes", type=int, default=2, help="also time this many processes; 0: not"
     )
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rgb", type=int, default=4096, help="records of the rgb32 case")
-    parser.add_argument("--jpeg", type=int, default=512, help="records of the jpeg case")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rgb", type=int, default=8192, help="records of the rgb32 case")
+    parser.add_argument("--jpeg", type=int, default=1024, help="records of the jpeg case")
+    parser.add_argument("--baseline", type=Path, help="a file defining another ImageNetBatches")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    has_processes = "worker_processes" in inspect.signature(ImageNetBatches).parameters
-    variants = {"threads": {}}
-    if args.worker_processes and has_processes:
-        variants["processes"] = {"worker_processes": args.worker_processes}
-    elif args.worker_processes:
-        print("this ImageNetBatches has no worker_processes: threads only")
+    workers = {"num_workers": args.workers}
+    pipelines = {"threads": partial(ImageNetBatches, **workers)}
+    if args.worker_processes:
+        if "worker_processes" in inspect.signature(ImageNetBatches).parameters:
+            processes = {"worker_processes": args.worker_processes}
+            pipelines["processes"] = partial(ImageNetBatches, **workers, **processes)
+        else:
+            print("this ImageNetBatches has no worker_processes: threads only")
+    if args.baseline:
+        pipelines["baseline"] = partial(load_baseline(args.baseline), **workers)
 
     wall = time.perf_counter()
     cases = []
     for name, (records, size, batch) in record_sets(args.rgb, args.jpeg).items():
-        for variant, extra in variants.items():
-            times = time_epochs(
-                records, size, batch, args.repeats, num_workers=args.workers, **extra
-            )
-            median = statistics.median(times)
+        times = {pipeline: [] for pipeline in pipelines}
+        for epoch in range(args.repeats + 1):
+            for pipeline, factory in pipelines.items():
+                seconds = epoch_seconds(factory, records, size, batch, epoch)
+                if epoch:  # the first round warms up (imports, worker start-up)
+                    times[pipeline].append(seconds)
+        examples = len(records) // batch * batch
+        for pipeline, seconds in times.items():
             case = {
                 "records": name,
-                "variant": variant,
+                "pipeline": pipeline,
                 "num_workers": args.workers,
-                **extra,
-                "examples_per_epoch": len(records) // batch * batch,
+                "examples_per_epoch": examples,
                 "global_batch": batch,
                 "crop": size,
-                "epoch_s": [round(t, 4) for t in times],
-                "images_per_s": round(len(records) // batch * batch / median, 1),
+                "epoch_s": [round(t, 4) for t in seconds],
+                "images_per_s": round(examples / statistics.median(seconds), 1),
             }
+            if pipeline == "processes":
+                case["worker_processes"] = args.worker_processes
+            line = f"{name:6s} {pipeline:9s} {case['images_per_s']:10.1f} images/s"
+            if "baseline" in times and pipeline != "baseline":
+                paired = [b / a for a, b in zip(seconds, times["baseline"], strict=True)]
+                case["speed_vs_baseline_paired"] = round(statistics.median(paired), 3)
+                line += f"  {case['speed_vs_baseline_paired']:.3f}x baseline (paired)"
             cases.append(case)
-            print(f"{name:6s} {variant:9s} {case['images_per_s']:10.1f} images/s", flush=True)
+            print(line, flush=True)
     command = "python scripts/bench_input.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     record = {
         "cases": cases,
+        "baseline": str(args.baseline) if args.baseline else None,
         "provenance": provenance(command, wall_time_s=time.perf_counter() - wall),
     }
     if args.json:

@@ -147,9 +147,10 @@ class ImageNetBatches:
 
     The pipeline (:meth:`dataset`) is ``grain.MapDataset.source`` over this process's example
     indices from the first batch asked for, a ``map`` that decodes and augments one example,
-    and a ``batch`` of the local share; ``num_workers`` threads decode ahead
-    (``grain.ReadOptions``), and with ``worker_processes > 0`` the batches are made in that
-    many worker processes (``mp_prefetch``; grain keeps their order). Resuming needs no
+    and a ``batch`` of the local share, read ahead by ``num_workers`` threads that each make
+    whole batches (``grain.ReadOptions``; up to ``max(num_workers, prefetch)`` batches are in
+    flight); with ``worker_processes > 0`` the batches are made in that many worker processes
+    (``mp_prefetch``; grain keeps their order). Resuming needs no
     iterator state: the position in the epoch is a function of the training step, and
     ``iterate(start)`` builds the pipeline from global batch ``start`` on, decoding nothing it
     skips; it yields exactly what an uninterrupted epoch yields from there (the same result
@@ -167,13 +168,16 @@ class ImageNetBatches:
       drop_remainder: drop the last partial global batch (default for training). When False,
         the last batch is split the same way and may be short or, on some processes, absent.
       size, resize: output size and eval resize (224, 256).
-      num_workers: decoding threads in all. Without worker processes they decode single
-        examples; with them they are shared out among the processes (at least one each), and
-        each thread makes whole batches.
-      prefetch: batches decoded ahead (per worker process, when there are some).
+      num_workers: decoding threads in all, each making whole batches; with worker processes
+        they are shared out among them (at least one each).
+      prefetch: batches decoded ahead, at least (per worker process, when there are some).
       worker_processes: 0 (default): decode in threads of this process, enough when Pillow's
-        decoding (which releases the GIL) is most of the work; > 0: also in that many
-        spawned processes, for when Python-level work per example limits the threads.
+        decoding (which releases the GIL) is most of the work; > 0: in that many processes,
+        for when Python-level work per example limits the threads. They are spawned for each
+        epoch (a few seconds of start-up: they import mpdnn), so a script that makes them
+        needs the usual ``if __name__ == "__main__":`` guard; ``python -m mpdnn.train`` has
+        it. Python's resource tracker may warn at exit of "leaked shared_memory objects" that
+        grain's workers created: it has freed them (CPython's bpo-38119).
     """
 
     def __init__(
@@ -268,24 +272,21 @@ class ImageNetBatches:
     def _pipeline(self, indices: np.ndarray):
         grain = _grain()
         examples = grain.MapDataset.source(indices).map(self.example)
-        batch = self.local_batch_size
-        if not self.worker_processes:
-            read = grain.ReadOptions(
-                num_threads=self.num_workers, prefetch_buffer_size=self.prefetch * batch
-            )
-            return examples.to_iter_dataset(read).batch(batch, batch_fn=self.collate)
-        threads = max(1, self.num_workers // self.worker_processes)
-        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)
-        _let_grain_read_its_flags()
-        return (
-            examples.batch(batch, batch_fn=self.collate)
-            .to_iter_dataset(read)
-            .mp_prefetch(
-                grain.MultiprocessingOptions(
-                    num_workers=self.worker_processes, per_worker_buffer_size=self.prefetch
-                )
-            )
+        # Threads make whole batches: per-example dispatch through grain costs more than the
+        # decoding of a small record (scripts/bench_input.py, docs/scaling.md).
+        threads = max(1, self.num_workers // max(1, self.worker_processes))
+        read = grain.ReadOptions(
+            num_threads=threads, prefetch_buffer_size=max(threads, self.prefetch)
         )
+        batches = examples.batch(self.local_batch_size, batch_fn=self.collate)
+        batches = batches.to_iter_dataset(read)
+        if not self.worker_processes:
+            return batches
+        _let_grain_read_its_flags()
+        options = grain.MultiprocessingOptions(
+            num_workers=self.worker_processes, per_worker_buffer_size=self.prefetch
+        )
+        return batches.mp_prefetch(options)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return self.iterate()
