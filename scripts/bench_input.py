@@ -15,11 +15,11 @@ Reported per pipeline: the median epoch time, host images/s (records / median), 
 ``--baseline``, the median of same-round speed ratios against it. Pipelines: ``threads``
 (this checkout's :class:`~mpdnn.data.ImageNetBatches`), ``processes`` (the same with
 ``--worker-processes`` worker processes, when it has them), and ``baseline``: the
-ImageNetBatches of another file, e.g. an earlier commit's ``mpdnn/data/imagenet.py``
-(``git show <commit>:mpdnn/data/imagenet.py > /tmp/old_imagenet.py``).
+ImageNetBatches of another file or of an earlier commit's ``mpdnn/data/imagenet.py``
+(``--baseline baa87ec:mpdnn/data/imagenet.py``, the threaded batcher grain replaced).
 
     python scripts/bench_input.py [--workers 2] [--worker-processes 2] [--repeats 5]
-        [--baseline /tmp/old_imagenet.py] [--json PATH]
+        [--baseline COMMIT:mpdnn/data/imagenet.py] [--json PATH]
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ import io
 import json
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -41,6 +43,8 @@ from PIL import Image
 
 from mpdnn.data import ImageNetBatches
 from mpdnn.provenance import provenance
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def smooth_images(n: int, height: int, width: int, seed: int) -> np.ndarray:
@@ -68,8 +72,16 @@ def record_sets(num_rgb: int, num_jpeg: int) -> dict[str, tuple[list[dict], int,
     }
 
 
-def load_baseline(path: Path):
-    """The ImageNetBatches class defined in the file ``path``."""
+def load_baseline(where: str):
+    """The ImageNetBatches class defined in the file ``where``, or in ``COMMIT:PATH`` of this
+    checkout's git history."""
+    path = Path(where)
+    if not path.is_file() and ":" in where:
+        source = subprocess.run(
+            ["git", "show", where], capture_output=True, text=True, check=True, cwd=REPO
+        ).stdout
+        path = Path(tempfile.mkdtemp()) / "baseline_imagenet.py"
+        path.write_text(source)
     spec = importlib.util.spec_from_file_location("baseline_imagenet", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -94,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rgb", type=int, default=8192, help="records of the rgb32 case")
     parser.add_argument("--jpeg", type=int, default=1024, help="records of the jpeg case")
-    parser.add_argument("--baseline", type=Path, help="a file defining another ImageNetBatches")
+    parser.add_argument(
+        "--baseline", help="a file, or COMMIT:PATH, defining another ImageNetBatches"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -142,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/bench_input.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     record = {
         "cases": cases,
-        "baseline": str(args.baseline) if args.baseline else None,
+        "baseline": args.baseline,
         "provenance": provenance(command, wall_time_s=time.perf_counter() - wall),
     }
     if args.json:
