@@ -9,12 +9,15 @@ model's sizes, its verdict and its per-layer weight bits. ``.ci/run`` calls it a
 main job, so a change that moves the default experiment's numbers fails CI until the
 results are regenerated (the command is in ``results/digits.md``).
 
-Nondeterminism: XLA on CPU computes the same numbers for a given JAX version (the numbers
-above were reproduced bit for bit on rerun). Under the JAX version the results were made
-with, every number must match exactly; under another one (a new release, whose kernels may
-round differently) an error may move by one test image (1/360) and a size by 1 %, and
-bits may differ, and the script says that it compared loosely. Exit status: 0 same, 1
-different (each difference on a line), 2 bad input.
+Nondeterminism: a given machine computes the same numbers on every rerun, but the test
+errors move a little from one machine to another: commit 1651c8a with the same package
+versions (JAX 0.10.2) gave fixed 2-bit 96.67 % on one 2-core CI machine and 97.78 % on another
+(4 of 360 test images; XLA compiles for the host CPU), with the same sizes, bits and verdicts.
+So a test error may differ by up to ``ERROR_SPREAD`` (6 test images) on any machine; under
+the JAX version the results were made with, the delivered sizes, the verdicts and the
+per-layer bits must match exactly; under another one (whose kernels may round differently)
+a size may move by 1 % and bits may differ, and the script says that it compared loosely.
+Exit status: 0 same, 1 different (each difference on a line), 2 bad input.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "digits.json"
 ONE_IMAGE = 1 / 360  # digits' test split
+# How far a test error may move between machines (module docstring): 4 images were seen.
+ERROR_SPREAD = 6 * ONE_IMAGE
 
 
 def differences(got: dict[str, Any], want: dict[str, Any], *, exact: bool = True) -> list[str]:
@@ -44,7 +49,7 @@ def differences(got: dict[str, Any], want: dict[str, Any], *, exact: bool = True
             if a is None or b is None:
                 same = a is b
             else:
-                same = a == b if exact else abs(a - b) <= ONE_IMAGE + 1e-9
+                same = abs(a - b) <= ERROR_SPREAD + 1e-9
             if not same:
                 out.append(f"{name}.{key}: {a} (committed {b})")
         for size, b in (w.get("delivered_sizes") or {}).items():
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     exact = got["provenance"].get("jax_version") == made_with
     found = differences(got, want, exact=exact)
     how = (
-        "exactly"
+        "sizes, verdicts and bits exactly, test errors within 6 test images"
         if exact
         else f"loosely (JAX {got['provenance'].get('jax_version')}, made with {made_with})"
     )
