@@ -22,7 +22,7 @@ backward pass; and, for comparison, momentum SGD with weight decay on the same p
 leaf by leaf and through ``optax.flatten`` (one concatenated vector).
 
     python scripts/count_kernels.py [--cases float,u3_w,u3_wa] [--recipe paper] [--parts]
-        [--set KEY=VALUE ...] [--json PATH]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -198,13 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(bench_train.CASES))
     parser.add_argument("--recipe", default="paper", choices=("paper", "mpdnn"))
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config override, VALUE in JSON (e.g. train.some_flag=true)",
-    )
     parser.add_argument("--parts", action="store_true", help="also count pieces of the step")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -228,13 +221,6 @@ def main(argv: list[str] | None = None) -> int:
             config = bench_train.case_config(case, bench_args)
             config.train.scan = False
             config.train.eval_every_epochs = 0
-            for item in args.set:
-                key, _, value = item.partition("=")
-                *path, leaf = key.split(".")
-                node = config
-                for part in path:
-                    node = node[part]
-                node[leaf] = json.loads(value)
             before = set(_DUMP.glob("*after_optimizations.txt"))
             train_and_evaluate(config, Path(tmp) / case)
             module = step_module(before)
@@ -260,7 +246,6 @@ def main(argv: list[str] | None = None) -> int:
             "measure": "kernel-launching instructions in the compiled training step (CPU HLO)",
             "batch": args.batch,
             "recipe": args.recipe,
-            "overrides": args.set,
             "results": out,
             "provenance": provenance(command, wall_time_s=time.perf_counter() - start),
         }
