@@ -130,6 +130,77 @@ def grouped_bits(
     return bits  # type: ignore[return-value]
 
 
+def stacked_bits(
+    quantizers: Sequence[tuple[mq.QuantSpec | None, Mapping[str, jax.typing.ArrayLike]]],
+) -> jax.Array:
+    """``[len(quantizers)]``: the bits of every ``(spec, θ)`` as one vector, a per-channel
+    θ's mean, 32 for a float tensor; the values of :func:`grouped_bits`, stacked.
+
+    Built without a scalar per tensor: each spec's group stays the vector its vectorised
+    :func:`mq.bitwidth` returns, the groups are concatenated and put in order by one
+    gather. In a jitted step with a budget the gradient then runs as a few kernels, where a
+    scalar per tensor cost a few each (``scripts/count_kernels.py --parts``).
+    """
+    pieces: list[jax.Array] = []
+    order: list[int] = []
+    floats = [i for i, (spec, _) in enumerate(quantizers) if spec is None]
+    if floats:
+        pieces.append(jnp.full([len(floats)], FLOAT_BITS, jnp.float32))
+        order += floats
+    groups: dict[tuple, list[int]] = {}
+    for i, (spec, theta) in enumerate(quantizers):
+        if spec is not None:
+            shapes = tuple((k, jnp.shape(theta[k])) for k in spec.theta_names)
+            groups.setdefault((spec, shapes), []).append(i)
+    for (spec, _), members in groups.items():
+        stacked = {
+            k: jnp.stack([jnp.asarray(quantizers[i][1][k], jnp.float32) for i in members])
+            for k in spec.theta_names
+        }
+        group_bits = _stacked_bitwidth(spec)(stacked)
+        if group_bits.ndim > 1:  # per channel: each member's mean, as grouped_bits' callers
+            group_bits = jnp.stack([jnp.mean(b) for b in group_bits])
+        pieces.append(group_bits)
+        order += members
+    if not pieces:
+        return jnp.zeros([0], jnp.float32)
+    bits = jnp.concatenate(pieces)
+    if order == sorted(order):
+        return bits
+    return bits[np.argsort(np.asarray(order))]
+
+
+@jax.custom_jvp
+def _ordered_sum(x: jax.Array) -> jax.Array:
+    """``((0 + x[0]) + x[1]) + …``: the sum in the order ``sum()`` of the scalars takes (the
+    same float rounding as :func:`aggregate`); its derivative is one broadcast."""
+    total = jnp.float32(0.0)
+    for i in range(x.shape[0]):
+        total = total + x[i]
+    return total
+
+
+@_ordered_sum.defjvp
+def _ordered_sum_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return _ordered_sum(x), jnp.sum(t)
+
+
+def aggregate_vector(kinds: Sequence[str], kb: jax.Array) -> tuple[Sizes, jax.Array]:
+    """:func:`aggregate` of the vector ``kb`` (one entry per tensor), the same numbers bit
+    for bit, and the activation tensors' KB as a vector."""
+    kinds = np.asarray(kinds)
+    weights = np.flatnonzero(kinds == "weight")
+    acts = np.flatnonzero(kinds == "activation")
+    zero = jnp.float32(0.0)
+    weight_kb = _ordered_sum(kb[weights]) if len(weights) else zero
+    if not len(acts):
+        return Sizes(weight_kb, zero, zero), jnp.zeros([0], jnp.float32)
+    act_kb = kb[acts] if len(acts) < len(kinds) else kb
+    act_max_kb = act_kb[jnp.argmax(jax.lax.stop_gradient(act_kb))]
+    return Sizes(weight_kb, act_max_kb, jnp.sum(act_kb)), act_kb
+
+
 def tensor_kb(numel: int, bits: jax.Array) -> jax.Array:
     """``numel · b / 8192``; a per-channel ``b`` counts ``numel · mean(b)`` bits."""
     b = bits if bits.ndim == 0 else jnp.mean(bits)
@@ -309,17 +380,22 @@ class Accounting:
         the order of :attr:`quantizers`; 32 for a float tensor. Differentiable like
         :meth:`sizes`, which is :meth:`sizes_of_bits` of this."""
         lookup = leaves_by_path(params)
-        bits = grouped_bits([(q.spec, self._theta(lookup, q)) for q in self.quantizers])
-        return jnp.stack([b if b.ndim == 0 else jnp.mean(b) for b in bits])
+        return stacked_bits([(q.spec, self._theta(lookup, q)) for q in self.quantizers])
 
     def sizes_of_bits(self, bits: jax.Array) -> Sizes:
         """The :class:`Sizes` of per-tensor ``bits`` (:meth:`tensor_bits`): a caller that
         needs both computes the bitwidths once."""
-        return aggregate([q.kind for q in self.quantizers], self._kb(bits))
+        return aggregate_vector(self._kinds, self._kb(bits))[0]
 
-    def _kb(self, bits: jax.Array) -> list[jax.Array]:
-        """KB of every counted tensor, in the order of :attr:`quantizers`."""
-        return [tensor_kb(q.numel, bits[i]) for i, q in enumerate(self.quantizers)]
+    @functools.cached_property
+    def _kinds(self) -> tuple[str, ...]:
+        return tuple(q.kind for q in self.quantizers)
+
+    def _kb(self, bits: jax.Array) -> jax.Array:
+        """KB of every counted tensor, in the order of :attr:`quantizers`: ``numel · b /
+        8192`` (:func:`tensor_kb`) on the vector."""
+        numels = np.asarray([q.numel for q in self.quantizers], np.float32)
+        return numels * bits / KB
 
     def __call__(self, params: Any) -> dict[str, jax.Array]:
         """:meth:`sizes` as a dict: the ``size_fn`` the budget transforms take."""
@@ -332,11 +408,8 @@ class Accounting:
         its feasible set is that of ``Budget("act_max_kb", L)``, but each tensor above ``L``
         gets its own gradient, where the max gives it all to its first argmax.
         """
-        kb = self._kb(self.tensor_bits(params))
-        kinds = [q.kind for q in self.quantizers]
-        acts = [s for k, s in zip(kinds, kb, strict=True) if k == "activation"]
-        act_kb = jnp.stack(acts) if acts else jnp.zeros([0], jnp.float32)
-        return {**aggregate(kinds, kb)._asdict(), "act_kb": act_kb}
+        sizes, act_kb = aggregate_vector(self._kinds, self._kb(self.tensor_bits(params)))
+        return {**sizes._asdict(), "act_kb": act_kb}
 
     def min_sizes(self) -> dict[str, float]:
         """Sizes (KB) of the smallest model training can reach.
