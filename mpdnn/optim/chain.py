@@ -35,9 +35,14 @@ from mpdnn.optim.constraints import (
     check_budgets,
     check_feasible,
 )
+from mpdnn.optim.flat import clip_flat, flat_update
 from mpdnn.optim.freeze import freeze_quantizer_params
 from mpdnn.optim.sgd import sgd_log_space, sgd_nnabla
-from mpdnn.optim.stabilisers import clip_quantizer_gradients, project_quantizer_params
+from mpdnn.optim.stabilisers import (
+    clip_bounds,
+    clip_quantizer_gradients,
+    project_quantizer_params,
+)
 
 
 def _quant_labels(accounting: Accounting):
@@ -101,6 +106,7 @@ def budget_chain(
     quant_momentum: float | None = None,
     quant_update: str = "linear",
     freeze_step: int | None = None,
+    flat: bool = False,
 ) -> optax.GradientTransformation:
     """The whole update of a run as one chain, budgets checked up front.
 
@@ -119,7 +125,11 @@ def budget_chain(
     * ``freeze_step``: :func:`freeze_quantizer_params` last, from that update count;
     * a :class:`Budget`'s ``margin`` moves its transform's target below its limit; a budget
       on ``"act_kb"`` penalises every activation tensor (sizes from
-      :meth:`Accounting.with_tensors`).
+      :meth:`Accounting.with_tensors`);
+    * ``flat=True`` runs weight decay, clip and momentum step on one vector for the θ and one
+      for the rest (:func:`~mpdnn.optim.flat.flat_update`): the same numbers (bit for bit on
+      CPU) in fewer kernels; the optimizer state then holds vectors, so a checkpoint resumes
+      only with the same ``flat``.
 
     ``method``: ``"penalty"`` (the paper) or ``"lagrangian"``. ``margin`` here is the
     projection's distance from the box edges. Raises ValueError for a budget below
@@ -149,12 +159,11 @@ def budget_chain(
                     initial_multiplier=initial_multiplier,
                 )
             )
-    if weight_decay:
-        parts.append(optax.add_decayed_weights(weight_decay))
-    if budgets and learned and clip:
-        parts.append(clip_quantizer_gradients(accounting))
+    clips = bool(budgets) and learned and clip
     quant_momentum = momentum if quant_momentum is None else quant_momentum
     own = quant_learning_rate_scale != 1.0 or quant_momentum != momentum or quant_update != "linear"
+    rest_tx = sgd_nnabla(learning_rate, momentum)
+    quant_tx = rest_tx
     if learned and own:
         quant_lr = _scaled(learning_rate, quant_learning_rate_scale)
         quant_tx = (
@@ -162,14 +171,30 @@ def budget_chain(
             if quant_update == "log"
             else sgd_nnabla(quant_lr, quant_momentum)
         )
+    decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+    if flat:
+        learned_paths = set(accounting.learned_paths())
         parts.append(
-            optax.partition(
-                {"quant": quant_tx, "rest": sgd_nnabla(learning_rate, momentum)},
-                _quant_labels(accounting),
+            flat_update(
+                {
+                    "quant": optax.chain(*decay, *([clip_flat()] if clips else []), quant_tx),
+                    "rest": optax.chain(*decay, rest_tx),
+                },
+                lambda path: "quant" if path in learned_paths else "rest",
+                bounds=clip_bounds(accounting) if clips else None,
+                bounded="quant",
             )
         )
     else:
-        parts.append(sgd_nnabla(learning_rate, momentum))
+        parts += decay
+        if clips:
+            parts.append(clip_quantizer_gradients(accounting))
+        if learned and own:
+            parts.append(
+                optax.partition({"quant": quant_tx, "rest": rest_tx}, _quant_labels(accounting))
+            )
+        else:
+            parts.append(rest_tx)
     if learned:
         parts.append(project_quantizer_params(accounting, margin=margin))
         if freeze_step is not None:

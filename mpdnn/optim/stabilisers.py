@@ -14,7 +14,7 @@ Both are stateless: their state is ``optax.EmptyState()``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -46,6 +46,12 @@ def _reduce_to(x: jax.Array, shape: tuple[int, ...], op) -> jax.Array:
     return op(x, axis=axes).reshape(shape)
 
 
+def reduce_bound(bound: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """A clip bound fitted to a leaf of ``shape``: its ``min`` over the axes along which
+    ``shape`` broadcasts to it (a per-channel ``d`` bounding a scalar ``qmax``)."""
+    return _reduce_to(bound, shape, jnp.min)
+
+
 def _bound_value(q: QuantizerInfo, name: str, values: Mapping[str, jax.Array]) -> jax.Array:
     if name not in q.learned:
         return jnp.asarray(q.constants[name], jnp.float32)
@@ -70,6 +76,29 @@ def clip_quantizer_gradients(accounting: Accounting) -> optax.GradientTransforma
     :func:`~mpdnn.optim.budget_chain`); the authors use it only while a budget is active.
     Needs ``params``; stateless.
     """
+    bound_fn = clip_bounds(accounting)
+
+    def clip(updates, params):
+        require_params(params)
+        named = bound_fn(params, leaves_by_path(updates))
+
+        def clip_leaf(path, u):
+            if path not in named:
+                return u
+            r = reduce_bound(named[path], u.shape).astype(u.dtype)
+            return jnp.clip(u, -r, r)
+
+        return map_by_path(clip_leaf, updates)
+
+    return optax.stateless(clip)
+
+
+def clip_bounds(accounting: Accounting):
+    """``(params, paths) -> {θ path: |d|}`` (U3; ``|qmin|`` for P3): the bound of
+    :func:`clip_quantizer_gradients` for each of ``paths`` that it clips, from the raw
+    ``d``/``qmin`` in ``params``, in that θ's shape (:func:`reduce_bound` fits it to the
+    clipped leaf); ``signed=True`` leaves out the ``abs`` (for a caller that takes it of
+    many bounds at once)."""
     bounds: dict[str, tuple[QuantizerInfo, str]] = {}
     for q in accounting.quantizers:
         if q.spec is None:
@@ -80,22 +109,12 @@ def clip_quantizer_gradients(accounting: Accounting) -> optax.GradientTransforma
         for name in q.learned:
             bounds[q.theta_path(name)] = (q, pair[0])
 
-    def clip(updates, params):
-        require_params(params)
+    def bound_fn(params, paths: Iterable[str], *, signed: bool = False) -> dict[str, jax.Array]:
         values = leaves_by_path(params)
+        sign = (lambda x: x) if signed else jnp.abs
+        return {path: sign(_bound_value(*bounds[path], values)) for path in paths if path in bounds}
 
-        def clip_leaf(path, u):
-            target = bounds.get(path)
-            if target is None:
-                return u
-            q, name = target
-            r = _reduce_to(jnp.abs(_bound_value(q, name, values)), u.shape, jnp.min)
-            r = r.astype(u.dtype)
-            return jnp.clip(u, -r, r)
-
-        return map_by_path(clip_leaf, updates)
-
-    return optax.stateless(clip)
+    return bound_fn
 
 
 def _box(v: jax.Array, lo: float, hi: float, margin: float) -> jax.Array:

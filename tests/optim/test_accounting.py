@@ -17,8 +17,10 @@ import optax
 import pytest
 from flax import nnx
 
+import mpdnn.quantizers as mq
 from mpdnn import models, nn
 from mpdnn.optim import Accounting, memory
+from mpdnn.optim.accounting import leaves_by_path
 
 KB = 8 * 1024
 Q = nn.QuantConfig
@@ -289,3 +291,51 @@ def test_to_json_is_the_hand_count_in_plain_json_values(mixed):
     assert paths.index("stages.1.0.conv1") < paths.index("stages.1.0.act1")
     quantizers = {r["path"]: r["quantizer"] for r in layers}
     assert quantizers["stem"] == "uniform fixed 8b" and quantizers["stages.2.2.act1"] == "float"
+
+
+def _scalar_sizes(acc: Accounting, params) -> dict[str, jax.Array]:
+    """The sizes written out a tensor at a time: each quantizer's own mq.bitwidth, its KB,
+    the weights summed left to right, the activations' max at the first argmax."""
+    weight, acts = jnp.float32(0.0), []
+    for q in acc.quantizers:
+        if q.spec is None:
+            bits = jnp.float32(32.0)
+        else:
+            bits = jnp.mean(mq.bitwidth(acc.theta(params, q), q.spec))
+        kb = q.numel * bits / KB
+        if q.kind == "weight":
+            weight = weight + kb
+        else:
+            acts.append(kb)
+    act_kb = jnp.stack(acts)
+    act_max = act_kb[jnp.argmax(jax.lax.stop_gradient(act_kb))]
+    return {"weight_kb": weight, "act_max_kb": act_max, "act_sum_kb": jnp.sum(act_kb)}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vector_sizes_and_their_gradient_equal_the_scalar_count_bit_for_bit(mixed, seed):
+    """The accounting runs on vectors (few kernels in a training step); its sizes and the
+    gradient of a penalty on them are exactly those of the tensor-at-a-time count."""
+    model, acc = mixed
+    params = nnx.to_pure_dict(nnx.state(perturbed(model, seed), nnx.Param))
+
+    def penalty(size_fn):
+        def f(p):
+            s = size_fn(p)
+            return (
+                0.1 * jnp.maximum(0.0, s["weight_kb"] - 10.0) ** 2
+                + 0.3 * jnp.maximum(0.0, s["act_max_kb"] - 1.0) ** 2
+                + 0.01 * s["act_sum_kb"]
+            )
+
+        return f
+
+    ours, reference = jax.jit(acc)(params), jax.jit(lambda p: _scalar_sizes(acc, p))(params)
+    for name in ("weight_kb", "act_max_kb", "act_sum_kb"):
+        np.testing.assert_array_equal(ours[name], reference[name])
+    grad = jax.jit(jax.grad(penalty(acc)))(params)
+    grad_ref = jax.jit(jax.grad(penalty(lambda p: _scalar_sizes(acc, p))))(params)
+    learned = acc.learned_paths()
+    theta_grads = [v for k, v in leaves_by_path(grad).items() if k in learned]
+    assert any(float(jnp.max(jnp.abs(v))) > 0 for v in theta_grads)  # the penalty reaches θ
+    jax.tree.map(np.testing.assert_array_equal, grad, grad_ref)

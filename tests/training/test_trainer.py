@@ -318,3 +318,30 @@ def test_a_workdir_refuses_another_config_unless_the_change_is_allowed(tmp_path,
     assert result.status == "completed" and result.step == 12
     assert "resuming" in caplog.text and "train.epochs" in caplog.text
     assert json.loads((tmp_path / "config.json").read_text())["train"]["epochs"] == 3
+
+
+@pytest.mark.parametrize("recipe", ["paper", "mpdnn"])
+def test_the_flat_update_trains_the_same_parameters(tmp_path, monkeypatch, recipe):
+    """optim.flat_update reaches the run's optimizer and, through the whole jitted step,
+    ends on the leafwise update's parameters bit for bit (CPU), resuming included (the
+    optimizer state it checkpoints is its own)."""
+    from mpdnn.optim import chain
+
+    built = []
+    real = chain.flat_update
+    monkeypatch.setattr(chain, "flat_update", lambda *a, **k: built.append(1) or real(*a, **k))
+    states = {}
+    for flat in (False, True):
+        config = tiny_config(max_steps=6)
+        config.budget.recipe = recipe
+        config.budget.act_max_kb = 0.2
+        config.optim.flat_update = flat
+        workdir = tmp_path / f"{recipe}_{flat}"
+        if flat:  # stopped after 2 steps, then resumed
+            stopped = train_and_evaluate(config, workdir, should_stop=lambda step: step >= 2)
+            assert stopped.status == "stopped" and stopped.step == 2
+        assert train_and_evaluate(config, workdir).step == 6
+        _, states[flat] = restore_state(workdir, config)
+        assert bool(built) == flat  # built by the flat run (and its resume) only
+    for x, y in zip(jax.tree.leaves(states[False]), jax.tree.leaves(states[True]), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
