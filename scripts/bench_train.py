@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
+
 from mpdnn.cli import OneLineParser
 from mpdnn.configs import imagenet
 from mpdnn.provenance import provenance
@@ -62,6 +64,7 @@ def case_config(case: str, args: argparse.Namespace):
     # The recorded numbers (results/perf.md) are of the authors' update; --recipe mpdnn
     # times ours (its BatchNorm recalibration runs at the one evaluation, after the timing).
     c.budget.recipe = args.recipe
+    c.optim.flat_update = getattr(args, "flat_update", False)
     # ResNet-20: docs/method.md §8's CIFAR-10 budgets; ImageNet nets: mpdnn.configs.imagenet's (the
     # fixed 4/4 sizes, λ scaled by the squared size ratio).
     if args.model == "resnet20":
@@ -93,7 +96,14 @@ def throughput(workdir: Path, batch: int, warmup: int) -> dict:
         "seconds": round(seconds, 3),
         "images_per_s": steps * batch / seconds,
         "ms_per_step": 1000 * seconds / steps,
+        "window": [first["time"], last["time"]],  # wall clock of the timed calls
     }
+
+
+def peak_bytes() -> int | None:
+    """The device's peak memory in use so far (None where the backend keeps no stats)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
 
 
 def main(argv=None) -> None:
@@ -107,6 +117,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first calls dropped")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--recipe", default="paper", choices=("paper", "mpdnn"))
+    parser.add_argument(
+        "--flat_update", action="store_true", help="optim.flat_update (mpdnn.optim.flat)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.image_size is None:
@@ -122,6 +135,7 @@ def main(argv=None) -> None:
             workdir = Path(tmp) / case
             train_and_evaluate(case_config(case, args), workdir)
             out[case] = throughput(workdir, args.batch, args.warmup)
+            out[case]["peak_bytes"] = peak_bytes()
             print(
                 f"{case:<6} {out[case]['images_per_s']:>10.1f} images/s  "
                 f"{out[case]['ms_per_step']:.2f} ms/step",

@@ -17,12 +17,13 @@ move with the same changes: a change that removes kernels here is worth timing o
 
 ``--parts`` also counts two pieces of the quantized step compiled alone, on ResNet-20 with
 U3 weights and activations: the optimizer update (``optim.budget_chain``, without and with
-the two budgets) and the gradient of the accounting's sizes, the budget's part of the
-backward pass; and, for comparison, momentum SGD with weight decay on the same parameters,
-leaf by leaf and through ``optax.flatten`` (one concatenated vector).
+the two budgets, leaf by leaf and with ``flat=True``) and the gradient of the accounting's
+sizes, the budget's part of the backward pass; and, for comparison, momentum SGD with
+weight decay on the same parameters, leaf by leaf and through ``optax.flatten`` (one
+concatenated vector). ``--flat_update`` counts the step with ``optim.flat_update``.
 
     python scripts/count_kernels.py [--cases float,u3_w,u3_wa] [--recipe paper] [--parts]
-        [--json PATH]
+        [--flat_update] [--json PATH]
 """
 
 from __future__ import annotations
@@ -186,6 +187,8 @@ def part_counts() -> dict[str, int]:
         "parameter_leaves": len(jax.tree.leaves(params)),
         "update_no_budget": update(optim.budget_chain(accounting, [], 0.03)),
         "update_two_budgets": update(optim.budget_chain(accounting, budgets, 0.03)),
+        "update_no_budget_flat": update(optim.budget_chain(accounting, [], 0.03, flat=True)),
+        "update_two_budgets_flat": update(optim.budget_chain(accounting, budgets, 0.03, flat=True)),
         "sizes_forward": compiled_kernels(lambda p: accounting(p), params),
         "sizes_gradient": compiled_kernels(jax.grad(sizes_gradient), params),
         "sgd_decay_leafwise": update(sgd()),
@@ -199,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="paper", choices=("paper", "mpdnn"))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--parts", action="store_true", help="also count pieces of the step")
+    parser.add_argument(
+        "--flat_update", action="store_true", help="optim.flat_update (mpdnn.optim.flat)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
@@ -213,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=2,
         steps_per_call=1,
         recipe=args.recipe,
+        flat_update=args.flat_update,
     )
     start = time.perf_counter()
     out = {}
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             "measure": "kernel-launching instructions in the compiled training step (CPU HLO)",
             "batch": args.batch,
             "recipe": args.recipe,
+            "flat_update": args.flat_update,
             "results": out,
             "provenance": provenance(command, wall_time_s=time.perf_counter() - start),
         }

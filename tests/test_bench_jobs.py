@@ -1,0 +1,58 @@
+"""scripts/bench_jobs.py: the total throughput of overlapping runs and the rule for --jobs,
+on hand-made timings."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_jobs():
+    path = REPO / "scripts" / "bench_jobs.py"
+    spec = importlib.util.spec_from_file_location("bench_jobs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(start, end, steps, peak=None):
+    return {
+        "window": [start, end],
+        "steps_timed": steps,
+        "images_per_s": steps * 128 / (end - start),
+        "peak_bytes": peak,
+    }
+
+
+def test_total_throughput_counts_the_union_of_the_windows(bench_jobs):
+    # two processes of 100 steps at batch 128, timed over 10 s each but 5 s apart: 25600
+    # images in 15 s, not the 2560 images/s that adding their own rates would claim
+    total = bench_jobs.total_throughput([run(0.0, 10.0, 100, 2**30), run(5.0, 15.0, 100)], 128)
+    assert total["images_per_s"] == pytest.approx(25600 / 15)
+    assert total["seconds"] == 15.0
+    assert total["per_process_images_per_s"] == [1280.0, 1280.0]
+    assert total["peak_bytes_max"] == 2**30
+
+
+def test_choose_jobs_stops_at_the_first_step_up_that_gains_too_little(bench_jobs):
+    totals = {1: {"images_per_s": 1000.0}, 2: {"images_per_s": 1500.0}}
+    totals[4] = {"images_per_s": 1540.0}  # +2.7 %: not worth the memory
+    totals[8] = {"images_per_s": 2000.0}  # after a step that did not pay: not reached
+    assert bench_jobs.choose_jobs(totals, 0.05) == 2
+    assert bench_jobs.choose_jobs(totals, 0.02) == 8
+    assert (
+        bench_jobs.choose_jobs({1: {"images_per_s": 1000.0}, 2: {"images_per_s": 900.0}}, 0.05) == 1
+    )
+    assert bench_jobs.choose_jobs({2: {"images_per_s": 1.0}}, 0.05) == 2
+
+
+def test_bad_jobs_is_one_line(bench_jobs, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_jobs.main(["--jobs", "0,2"])
+    assert exc.value.code == 2
+    assert "--jobs must be integers >= 1" in capsys.readouterr().err
