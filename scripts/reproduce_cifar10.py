@@ -16,7 +16,10 @@ full, reduced or not run.
 * ``--jobs N`` runs up to N rows at once (rows that need the float net wait for it). On one
   GPU each process then gets ``0.9/N`` of its memory. Several ResNet-20 runs at once raise
   the total throughput only where one run leaves the device idle (host work between
-  epochs, compilation); measure before raising it (``results/perf.md``).
+  epochs, compilation, launch gaps; without MPS the processes' kernels take turns). The
+  rule for N: run ``scripts/bench_jobs.py --jobs 1,2,4`` on the machine and take the N it
+  chooses (the largest up to which each step up gained >= 5 % in total images/s), with N
+  times its printed peak memory per process within 0.9 of the card.
 * ``--deadline_s S`` starts no row after S seconds (for a lease with a time limit): rows
   not run are reported as such.
 * A row that diverges (non-finite loss) or ends with no evaluation within its budgets is
