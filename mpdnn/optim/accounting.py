@@ -111,23 +111,31 @@ def grouped_bits(
     quantizers but only a few specs, and one scalar graph per quantizer doubled the HLO of a
     training step and its compile time.
     """
-    bits: list[jax.Array | None] = [None] * len(quantizers)
+    bits: list[jax.Array] = [jnp.float32(FLOAT_BITS)] * len(quantizers)  # floats keep 32
+    for members, group_bits in _bits_by_spec(quantizers):
+        for j, i in enumerate(members):
+            bits[i] = group_bits[j]
+    return bits
+
+
+def _bits_by_spec(
+    quantizers: Sequence[tuple[mq.QuantSpec | None, Mapping[str, jax.typing.ArrayLike]]],
+) -> list[tuple[list[int], jax.Array]]:
+    """``[(members, bits [len(members), ...])]``: one vectorised :func:`mq.bitwidth` per
+    distinct spec and θ shapes, over the indices of its quantizers (floats left out)."""
     groups: dict[tuple, list[int]] = {}
     for i, (spec, theta) in enumerate(quantizers):
-        if spec is None:
-            bits[i] = jnp.float32(FLOAT_BITS)
-            continue
-        shapes = tuple((k, jnp.shape(theta[k])) for k in spec.theta_names)
-        groups.setdefault((spec, shapes), []).append(i)
+        if spec is not None:
+            shapes = tuple((k, jnp.shape(theta[k])) for k in spec.theta_names)
+            groups.setdefault((spec, shapes), []).append(i)
+    out = []
     for (spec, _), members in groups.items():
         stacked = {
             k: jnp.stack([jnp.asarray(quantizers[i][1][k], jnp.float32) for i in members])
             for k in spec.theta_names
         }
-        group_bits = _stacked_bitwidth(spec)(stacked)
-        for j, i in enumerate(members):
-            bits[i] = group_bits[j]
-    return bits  # type: ignore[return-value]
+        out.append((members, _stacked_bitwidth(spec)(stacked)))
+    return out
 
 
 def stacked_bits(
@@ -147,17 +155,7 @@ def stacked_bits(
     if floats:
         pieces.append(jnp.full([len(floats)], FLOAT_BITS, jnp.float32))
         order += floats
-    groups: dict[tuple, list[int]] = {}
-    for i, (spec, theta) in enumerate(quantizers):
-        if spec is not None:
-            shapes = tuple((k, jnp.shape(theta[k])) for k in spec.theta_names)
-            groups.setdefault((spec, shapes), []).append(i)
-    for (spec, _), members in groups.items():
-        stacked = {
-            k: jnp.stack([jnp.asarray(quantizers[i][1][k], jnp.float32) for i in members])
-            for k in spec.theta_names
-        }
-        group_bits = _stacked_bitwidth(spec)(stacked)
+    for members, group_bits in _bits_by_spec(quantizers):
         if group_bits.ndim > 1:  # per channel: each member's mean, as grouped_bits' callers
             group_bits = jnp.stack([jnp.mean(b) for b in group_bits])
         pieces.append(group_bits)
