@@ -17,8 +17,9 @@ move with the same changes: a change that removes kernels here is worth timing o
 
 ``--parts`` also counts two pieces of the quantized step compiled alone, on ResNet-20 with
 U3 weights and activations: the optimizer update (``optim.budget_chain``, without and with
-the two budgets, leaf by leaf and with ``flat=True``) and the gradient of the accounting's
-sizes, the budget's part of the backward pass; and, for comparison, momentum SGD with
+the two budgets, leaf by leaf and with ``flat=True`` and the vectorized accounting of
+``optim.flat_update``) and the accounting's sizes and their gradient, the budget's part of
+the backward pass (scalar per tensor, and vectorized); and, for comparison, momentum SGD with
 weight decay on the same parameters, leaf by leaf and through ``optax.flatten`` (one
 concatenated vector). ``--flat_update`` counts the step with ``optim.flat_update``.
 
@@ -167,6 +168,7 @@ def part_counts() -> dict[str, int]:
     nn.quantize_model(model, rules)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     accounting = optim.Accounting.from_model(model)
+    vector = optim.Accounting.from_model(model, vectorized=True)  # optim.flat_update's
     budgets = [optim.Budget("weight_kb", 70.1), optim.Budget("act_max_kb", 8.1)]
 
     def update(tx):
@@ -179,18 +181,27 @@ def part_counts() -> dict[str, int]:
     def sgd():
         return optax.chain(optax.add_decayed_weights(2e-4), optim.sgd_nnabla(0.03, 0.9))
 
-    def sizes_gradient(p):
-        sizes = accounting(p)
-        return sizes["weight_kb"] + sizes["act_max_kb"]
+    def sizes_gradient(acc):
+        def total(p):
+            sizes = acc(p)
+            return sizes["weight_kb"] + sizes["act_max_kb"]
+
+        return compiled_kernels(jax.grad(total), params)
 
     return {
         "parameter_leaves": len(jax.tree.leaves(params)),
         "update_no_budget": update(optim.budget_chain(accounting, [], 0.03)),
         "update_two_budgets": update(optim.budget_chain(accounting, budgets, 0.03)),
-        "update_no_budget_flat": update(optim.budget_chain(accounting, [], 0.03, flat=True)),
-        "update_two_budgets_flat": update(optim.budget_chain(accounting, budgets, 0.03, flat=True)),
+        "update_no_budget_flat": update(optim.budget_chain(vector, [], 0.03, flat=True)),
+        "update_two_budgets_vector_sizes": update(optim.budget_chain(vector, budgets, 0.03)),
+        "update_two_budgets_flat_scalar_sizes": update(
+            optim.budget_chain(accounting, budgets, 0.03, flat=True)
+        ),
+        "update_two_budgets_flat": update(optim.budget_chain(vector, budgets, 0.03, flat=True)),
         "sizes_forward": compiled_kernels(lambda p: accounting(p), params),
-        "sizes_gradient": compiled_kernels(jax.grad(sizes_gradient), params),
+        "sizes_forward_vectorized": compiled_kernels(lambda p: vector(p), params),
+        "sizes_gradient": sizes_gradient(accounting),
+        "sizes_gradient_vectorized": sizes_gradient(vector),
         "sgd_decay_leafwise": update(sgd()),
         "sgd_decay_flattened": update(optax.flatten(sgd())),
     }

@@ -314,14 +314,28 @@ class Accounting:
     on. The numbers equal :func:`~mpdnn.optim.memory`'s for the same state.
     """
 
-    def __init__(self, quantizers: Iterable[QuantizerInfo], fixed_bits: Sequence[float]):
+    def __init__(
+        self,
+        quantizers: Iterable[QuantizerInfo],
+        fixed_bits: Sequence[float],
+        *,
+        vectorized: bool = False,
+    ):
         self.quantizers: tuple[QuantizerInfo, ...] = tuple(quantizers)
         # Bits at build time of the tensors whose bits training cannot change (for min_sizes).
         self._fixed_bits = tuple(fixed_bits)
+        self.vectorized = vectorized
 
     @classmethod
-    def from_model(cls, model: nnx.Module) -> Accounting:
-        """Describe ``model`` (built, its activation shapes recorded, as for ``memory``)."""
+    def from_model(cls, model: nnx.Module, *, vectorized: bool = False) -> Accounting:
+        """Describe ``model`` (built, its activation shapes recorded, as for ``memory``).
+
+        ``vectorized``: compute bits, KB and totals as vectors (:func:`stacked_bits`,
+        :func:`aggregate_vector`) instead of a scalar per tensor: the same numbers bit for
+        bit, in fewer kernels in a jitted step (ResNet-20 with both budgets: the sizes'
+        gradient 233 → 167 on CPU, ``results/kernel_counts.md``). Off by default until a
+        GPU has timed it; ``optim.flat_update`` turns it on in a run.
+        """
         infos, fixed_bits = [], []
         for t in counted_tensors(model):
             q = t.quantizer
@@ -339,11 +353,12 @@ class Accounting:
             )
             infos.append(info)
             fixed_bits.append(np.nan if info.learns_bits else float(jnp.mean(q.bits())))
-        return cls(infos, fixed_bits)
+        return cls(infos, fixed_bits, vectorized=vectorized)
 
     def __repr__(self) -> str:
         learned = sum(q.learns_bits for q in self.quantizers)
-        return f"Accounting({len(self.quantizers)} tensors, {learned} with learned bits)"
+        how = ", vectorized" if self.vectorized else ""
+        return f"Accounting({len(self.quantizers)} tensors, {learned} with learned bits{how})"
 
     def _theta(self, lookup: Mapping[str, Any], q: QuantizerInfo) -> dict[str, jax.Array]:
         theta = {k: jnp.asarray(v, jnp.float32) for k, v in q.constants.items()}
@@ -378,22 +393,26 @@ class Accounting:
         the order of :attr:`quantizers`; 32 for a float tensor. Differentiable like
         :meth:`sizes`, which is :meth:`sizes_of_bits` of this."""
         lookup = leaves_by_path(params)
-        return stacked_bits([(q.spec, self._theta(lookup, q)) for q in self.quantizers])
+        thetas = [(q.spec, self._theta(lookup, q)) for q in self.quantizers]
+        if self.vectorized:
+            return stacked_bits(thetas)
+        return jnp.stack([b if b.ndim == 0 else jnp.mean(b) for b in grouped_bits(thetas)])
 
     def sizes_of_bits(self, bits: jax.Array) -> Sizes:
         """The :class:`Sizes` of per-tensor ``bits`` (:meth:`tensor_bits`): a caller that
         needs both computes the bitwidths once."""
-        return aggregate_vector(self._kinds, self._kb(bits))[0]
+        return self._sizes(bits)[0]
 
-    @functools.cached_property
-    def _kinds(self) -> tuple[str, ...]:
-        return tuple(q.kind for q in self.quantizers)
-
-    def _kb(self, bits: jax.Array) -> jax.Array:
-        """KB of every counted tensor, in the order of :attr:`quantizers`: ``numel · b /
-        8192`` (:func:`tensor_kb`) on the vector."""
-        numels = np.asarray([q.numel for q in self.quantizers], np.float32)
-        return numels * bits / KB
+    def _sizes(self, bits: jax.Array) -> tuple[Sizes, jax.Array]:
+        """The :class:`Sizes` of ``bits`` and every activation tensor's KB (a vector)."""
+        kinds = [q.kind for q in self.quantizers]
+        if self.vectorized:
+            numels = np.asarray([q.numel for q in self.quantizers], np.float32)
+            return aggregate_vector(kinds, numels * bits / KB)  # tensor_kb on the vector
+        kb = [tensor_kb(q.numel, bits[i]) for i, q in enumerate(self.quantizers)]
+        acts = [s for k, s in zip(kinds, kb, strict=True) if k == "activation"]
+        act_kb = jnp.stack(acts) if acts else jnp.zeros([0], jnp.float32)
+        return aggregate(kinds, kb), act_kb
 
     def __call__(self, params: Any) -> dict[str, jax.Array]:
         """:meth:`sizes` as a dict: the ``size_fn`` the budget transforms take."""
@@ -406,7 +425,7 @@ class Accounting:
         its feasible set is that of ``Budget("act_max_kb", L)``, but each tensor above ``L``
         gets its own gradient, where the max gives it all to its first argmax.
         """
-        sizes, act_kb = aggregate_vector(self._kinds, self._kb(self.tensor_bits(params)))
+        sizes, act_kb = self._sizes(self.tensor_bits(params))
         return {**sizes._asdict(), "act_kb": act_kb}
 
     def min_sizes(self) -> dict[str, float]:

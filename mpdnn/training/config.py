@@ -150,10 +150,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.quant_lr_scale = config_dict.placeholder(float)
     c.optim.quant_momentum = config_dict.placeholder(float)
     c.optim.quant_update = config_dict.placeholder(str)
-    # Weight decay, θ clip and momentum step on one vector for the θ and one for the rest
-    # (mpdnn.optim.flat): bit for bit the same update on CPU in fewer kernels (ResNet-20 U3
-    # with both budgets: scripts/count_kernels.py, results/kernel_counts.md). Off by default
-    # until a GPU has timed it; the optimizer state holds vectors, so resume with the same value.
+    # The update on vectors: weight decay, θ clip and momentum step on one vector for the θ
+    # and one for the rest (mpdnn.optim.flat), the budget's sizes computed as vectors
+    # (Accounting(vectorized=True)). Bit for bit the same run on CPU in fewer kernels
+    # (ResNet-20 U3 with both budgets: scripts/count_kernels.py, results/kernel_counts.md).
+    # Off by default until a GPU has timed it; the optimizer state holds vectors, so a run
+    # resumes with the value it started with.
     c.optim.flat_update = False
 
     c.train = ml_collections.ConfigDict()

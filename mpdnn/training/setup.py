@@ -256,7 +256,7 @@ def make_optimizer(
             quant_momentum=recipe.quant_momentum,
             quant_update=recipe.quant_update,
             freeze_step=freeze_step(config, steps_per_epoch),
-            flat=bool(o.get("flat_update", False)),
+            flat=bool(o.get("flat_update", False)),  # and accounting.vectorized (setup())
         )
     except ValueError as err:
         raise cfg.ConfigError(str(err)) from None
@@ -304,7 +304,9 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Setup:
             f"{mesh.size} devices"
         )
     model = build_model(config, dataset, workdir)
-    accounting = optim.Accounting.from_model(model)
+    # optim.flat_update: the budget's sizes on vectors too (the same numbers, fewer kernels)
+    flat = bool(config.optim.get("flat_update", False))
+    accounting = optim.Accounting.from_model(model, vectorized=flat)
     budgets = cfg.budgets(config)
     return Setup(
         config=config,

@@ -312,11 +312,15 @@ def _scalar_sizes(acc: Accounting, params) -> dict[str, jax.Array]:
     return {"weight_kb": weight, "act_max_kb": act_max, "act_sum_kb": jnp.sum(act_kb)}
 
 
+@pytest.mark.parametrize("vectorized", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_vector_sizes_and_their_gradient_equal_the_scalar_count_bit_for_bit(mixed, seed):
-    """The accounting runs on vectors (few kernels in a training step); its sizes and the
-    gradient of a penalty on them are exactly those of the tensor-at-a-time count."""
-    model, acc = mixed
+def test_sizes_and_their_gradient_equal_the_scalar_count_bit_for_bit(mixed, seed, vectorized):
+    """Both ways of computing (grouped scalars, the default; vectors, fewer kernels in a
+    training step): sizes and the gradient of a penalty on them exactly those of the
+    tensor-at-a-time count."""
+    model, _ = mixed
+    acc = Accounting.from_model(model, vectorized=vectorized)
+    assert acc.vectorized == vectorized
     params = nnx.to_pure_dict(nnx.state(perturbed(model, seed), nnx.Param))
 
     def penalty(size_fn):

@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-from mpdnn.optim import Budget, budget_chain
+from mpdnn import models, nn
+from mpdnn.optim import Accounting, Budget, budget_chain
 from mpdnn.optim.accounting import leaves_by_path
 from mpdnn.optim.flat import clip_flat, flat_update
 from tests.optim.cases import CROSSED, float_count, random_like, with_values
@@ -58,6 +60,23 @@ def test_flat_update_is_the_leafwise_update_bit_for_bit(resnet, name):
     leafwise = _run(budget_chain(acc, budgets, LR, **options), params)
     flat = _run(budget_chain(acc, budgets, LR, flat=True, **options), params)
     _assert_same(flat, leafwise)
+
+
+def test_flat_update_with_vector_sizes_is_the_default_update(resnet):
+    """optim.flat_update's pair: the flat stages and the vectorized accounting, against the
+    leafwise chain on the scalar accounting."""
+    acc, params = resnet
+    model = models.build("resnet20", rngs=nnx.Rngs(0))
+    nn.quantize_model(
+        model,
+        [nn.Rule(".*", nn.QuantConfig(bits=4), kind=k) for k in ("weight", "activation")],
+    )
+    vector = Accounting.from_model(model, vectorized=True)
+    budgets = [Budget("weight_kb", 100.0), Budget("act_max_kb", 7.0)]
+    for options in (OPTIONS["paper"], OPTIONS["mpdnn"]):
+        leafwise = _run(budget_chain(acc, budgets, LR, **options), params)
+        flat = _run(budget_chain(vector, budgets, LR, flat=True, **options), params)
+        _assert_same(flat, leafwise)
 
 
 @pytest.mark.parametrize("budgets", [[], [Budget("weight_kb", 1.0), Budget("act_max_kb", 1.0)]])
