@@ -2,7 +2,7 @@
 # The GPU timings of the kernel-count work in one command (written and smoke-tested on a CPU;
 # not yet run on a GPU). Training throughput of float vs U3 ResNet-20 with its budgets
 # (scripts/bench_train.py, batch 128, one lax.scan of 390 steps per call):
-#   1. the default update against optim.flat_update (mpdnn.optim.flat);
+#   1. the default update against optim.flat_update (mpdnn.optim.flat, vector sizes);
 #   2. XLA's command buffers (CUDA graphs) off, and extended to loops and conditionals (the
 #      scanned step is one while loop), against the default of part 1;
 #   3. N processes side by side (scripts/bench_jobs.py), the rule for reproduce_cifar10 --jobs.
