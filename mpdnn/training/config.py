@@ -570,6 +570,10 @@ def describe(config: ml_collections.ConfigDict, width: int = 100) -> str:
 #: Keys that may differ between a run and its resumption: they change no number it computes.
 RESUME_FREE = ("train.progress", "train.resume_changes", "data.dir", "variants", "run_variants")
 
+#: Keys that lay out the saved state, so a run cannot resume under another value even when
+#: ``train.resume_changes`` allows it; the value a config saved before the key existed had.
+RESUME_FIXED = {"optim.flat_update": False}
+
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
@@ -585,10 +589,17 @@ def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict) ->
     config ``saved`` (its ``config.json``) under a different ``config``, but for
     :data:`RESUME_FREE` keys and those ``train.resume_changes`` lists; returns the keys that
     changed and were allowed. Keys only one side has (another mpdnn version) are not
-    compared."""
+    compared, but for the :data:`RESUME_FIXED` ones, which never change."""
     import json
 
     old, new = _flat(dict(saved)), _flat(json.loads(config.to_json()))
+    for key, before in RESUME_FIXED.items():
+        if old.get(key, before) != new.get(key, before):
+            _fail(
+                f"{key} cannot change when a run resumes ({old.get(key, before)!r} -> "
+                f"{new.get(key, before)!r}): the saved optimizer state is laid out by it; "
+                "rerun with its value or use another --workdir"
+            )
     allowed = [k.strip() for k in config.train.get("resume_changes", "").split(",") if k.strip()]
 
     def under(key: str, prefixes: Sequence[str]) -> bool:

@@ -345,3 +345,17 @@ def test_the_flat_update_trains_the_same_parameters(tmp_path, monkeypatch, recip
         assert bool(built) == flat  # built by the flat run (and its resume) only
     for x, y in zip(jax.tree.leaves(states[False]), jax.tree.leaves(states[True]), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_the_flat_update_cannot_change_on_resume_even_when_allowed():
+    """Its optimizer state is laid out by it: allowing the change would only move the
+    failure to an unreadable checkpoint. A config saved before the key existed had it off."""
+    saved = json.loads(tiny_config().to_json())
+    flat = tiny_config(resume_changes="optim.flat_update")
+    flat.optim.flat_update = True
+    with pytest.raises(cfg.ConfigError, match=r"optim.flat_update cannot change .*False -> True"):
+        cfg.check_resume(saved, flat)
+    del saved["optim"]["flat_update"]  # a run from before the key
+    with pytest.raises(cfg.ConfigError, match="optim.flat_update cannot change"):
+        cfg.check_resume(saved, flat)
+    assert cfg.check_resume(saved, tiny_config()) == []
