@@ -2,11 +2,12 @@
 
 The measure behind ``scripts/reproduce_cifar10.py --jobs N``. For each N of ``--jobs`` this
 starts N ``scripts/bench_train.py`` processes at once (one case each, the same settings),
-each with ``XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9 / N`` as ``reproduce_cifar10.py`` gives
-its rows, waits for all, and reads from each its timed calls (compilation dropped) and
-its peak device memory. The total throughput is every process's timed images over the
-wall-clock window from the first timed call of any process to the last: processes that
-overlap only partly are not credited as if they had overlapped fully.
+with the memory share ``reproduce_cifar10.py`` gives its rows (``jobs.memory_env``:
+``XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9 / N`` for N > 1), waits for all, and reads from each
+its timed calls (compilation dropped) and its peak device memory. The total throughput is
+every process's timed images over the wall-clock window from the first timed call of any
+process to the last: processes that overlap only partly are not credited as if they had
+overlapped fully.
 
 Prints per N: the total images/s, its ratio to the smallest N, and the largest peak memory
 of one process (where the device reports it), then the rule's choice
@@ -34,11 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from mpdnn.cli import OneLineParser
-from mpdnn.provenance import provenance
-
 SCRIPTS = Path(__file__).resolve().parent
-MEMORY_SHARE = 0.9  # of the device, split between the N processes (as reproduce_cifar10.py)
+sys.path.insert(0, str(SCRIPTS))
+
+import jobs  # noqa: E402
+
+from mpdnn.cli import OneLineParser  # noqa: E402
+from mpdnn.provenance import provenance  # noqa: E402
 
 
 def total_throughput(runs: list[dict], batch: int) -> dict:
@@ -70,7 +73,10 @@ def choose_jobs(totals: dict[int, dict], gain: float) -> int:
 
 
 def run_side_by_side(n: int, args, tmp: Path) -> list[dict]:
-    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{MEMORY_SHARE / n:.3f}")
+    """Start ``n`` ``bench_train.py`` processes at once, with the memory share
+    ``reproduce_cifar10.py --jobs n`` gives its rows (:func:`jobs.memory_env`); their
+    results. A failure stops the others and names the failed process's last log line."""
+    env = {**jobs.memory_env(n), **os.environ}
     procs = []
     for i in range(n):
         out = tmp / f"n{n}_{i}.json"
@@ -82,15 +88,19 @@ def run_side_by_side(n: int, args, tmp: Path) -> list[dict]:
             *("--batch", str(args.batch), "--json", str(out)),
             *(["--flat_update"] if args.flat_update else []),
         ]
-        log = (tmp / f"n{n}_{i}.log").open("w")
-        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), out))
-    runs = []
-    for proc, out in procs:
-        if proc.wait() != 0:
-            log = out.with_suffix(".log").read_text().strip().splitlines()
-            raise SystemExit(f"bench_train.py failed with N={n}: {log[-1] if log else '?'}")
-        runs.append(json.loads(out.read_text())["results"][args.case])
-    return runs
+        with out.with_suffix(".log").open("w") as log:  # the child holds its own copy
+            procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=log), out))
+    try:
+        for proc, out in procs:
+            if proc.wait() != 0:
+                log = out.with_suffix(".log").read_text().strip().splitlines()
+                raise SystemExit(f"bench_train.py failed with N={n}: {log[-1] if log else '?'}")
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [json.loads(out.read_text())["results"][args.case] for _, out in procs]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,7 +101,9 @@ def throughput(workdir: Path, batch: int, warmup: int) -> dict:
 
 
 def peak_bytes() -> int | None:
-    """The device's peak memory in use so far (None where the backend keeps no stats)."""
+    """The device's peak memory in use so far in this process (None where the backend keeps
+    no stats): a case's ``peak_bytes`` includes the cases run before it, so it is one case's
+    own peak only when it ran alone (as ``scripts/bench_jobs.py`` runs them)."""
     stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
 

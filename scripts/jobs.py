@@ -29,6 +29,13 @@ from mpdnn.training.rundir import RunDir, RunDirError  # noqa: E402
 EXIT_INFEASIBLE = 3  # mpdnn.train: a run with budgets delivered no model
 EXIT_STOPPED = (143, -15)  # mpdnn.train checkpointed on SIGTERM, or SIGTERM killed it
 FINISHED_BEFORE = "finished before"
+MEMORY_SHARE = 0.9  # of one accelerator's memory, split between the runs on it
+
+
+def memory_env(n: int) -> dict[str, str]:
+    """The environment that lets ``n`` runs share one accelerator: each preallocates
+    ``0.9 / n`` of its memory (JAX's own default, 0.75, for one run)."""
+    return {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{MEMORY_SHARE / n:.3f}"} if n > 1 else {}
 
 
 def finished(workdir: Path) -> bool:

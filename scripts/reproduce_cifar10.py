@@ -137,10 +137,7 @@ def job(row: Row, args, runs_dir: Path) -> jobs.Job:
 def run_rows(rows: list[Row], args, runs_dir: Path, results_dir: Path) -> dict[str, str]:
     """Train ``rows`` (up to ``--jobs`` at once, float-net rows after the float one) and
     collect each as it ends; returns ``{row: status}``."""
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if args.jobs > 1:
-        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.jobs:.3f}")
+    env = {"PYTHONUNBUFFERED": "1", **jobs.memory_env(args.jobs), **os.environ}
 
     def on_end(j: jobs.Job, status: str) -> None:
         if status == jobs.FINISHED_BEFORE:  # collected again, not retrained

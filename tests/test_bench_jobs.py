@@ -56,3 +56,21 @@ def test_bad_jobs_is_one_line(bench_jobs, capsys):
         bench_jobs.main(["--jobs", "0,2"])
     assert exc.value.code == 2
     assert "--jobs must be integers >= 1" in capsys.readouterr().err
+
+
+def test_runs_share_the_memory_as_reproduce_cifar10_gives_it(bench_jobs):
+    assert bench_jobs.jobs.memory_env(1) == {}  # one run: JAX's own default
+    assert bench_jobs.jobs.memory_env(4) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.225"}
+
+
+def test_a_failed_process_is_one_line_naming_n(bench_jobs, tmp_path):
+    """Two bench_train.py processes that fail at once (a bad batch): the error names N and
+    the last line of the failed process's log, which is kept."""
+    import argparse
+
+    args = argparse.Namespace(
+        case="float", steps=2, steps_per_call=1, warmup=1, batch=0, flat_update=False
+    )
+    with pytest.raises(SystemExit, match=r"failed with N=2: .*batch_size=0 must be"):
+        bench_jobs.run_side_by_side(2, args, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.log")) == ["n2_0.log", "n2_1.log"]

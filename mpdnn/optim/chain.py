@@ -45,14 +45,16 @@ from mpdnn.optim.stabilisers import (
 )
 
 
-def _quant_labels(accounting: Accounting):
-    """``params -> labels``: ``"quant"`` on every learned θ leaf, ``"rest"`` elsewhere."""
+def _quant_label(accounting: Accounting):
+    """``path -> label``: ``"quant"`` for every learned θ leaf, ``"rest"`` elsewhere."""
     learned = set(accounting.learned_paths())
+    return lambda path: "quant" if path in learned else "rest"
 
-    def labels(params):
-        return map_by_path(lambda path, _: "quant" if path in learned else "rest", params)
 
-    return labels
+def _quant_labels(accounting: Accounting):
+    """``params -> labels`` (``optax.partition``'s) of :func:`_quant_label`."""
+    label = _quant_label(accounting)
+    return lambda params: map_by_path(lambda path, _: label(path), params)
 
 
 def _scaled(learning_rate: float | optax.Schedule, scale: float) -> float | optax.Schedule:
@@ -173,14 +175,13 @@ def budget_chain(
         )
     decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
     if flat:
-        learned_paths = set(accounting.learned_paths())
         parts.append(
             flat_update(
                 {
                     "quant": optax.chain(*decay, *([clip_flat()] if clips else []), quant_tx),
                     "rest": optax.chain(*decay, rest_tx),
                 },
-                lambda path: "quant" if path in learned_paths else "rest",
+                _quant_label(accounting),
                 bounds=clip_bounds(accounting) if clips else None,
                 bounded="quant",
             )

@@ -52,9 +52,9 @@ def clip_flat() -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
 
-def _groups(params: Any, label_fn: Callable[[str], str]) -> dict[str, list[int]]:
-    """``{label: [leaf index, ...]}`` in the tree's leaf order; one dtype per label."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+def _groups(flat: list[tuple[Any, jax.Array]], label_fn: Callable[[str], str]) -> dict:
+    """``{label: [leaf index, ...]}`` of ``tree_flatten_with_path``'s leaves, in their
+    order; one dtype per label."""
     groups: dict[str, list[int]] = {}
     dtypes: dict[str, Any] = {}
     for i, (path, leaf) in enumerate(flat):
@@ -104,8 +104,9 @@ def flat_update(
     """
 
     def init_fn(params):
-        leaves = jax.tree.leaves(params)
-        groups = _groups(params, label_fn)
+        flat, _ = jax.tree_util.tree_flatten_with_path(params)
+        leaves = [leaf for _, leaf in flat]
+        groups = _groups(flat, label_fn)
         missing = sorted(set(groups) - set(transforms))
         if missing:
             raise ValueError(f"flat_update has no transform for the groups {missing}")
@@ -116,7 +117,7 @@ def flat_update(
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
         p_leaves = [leaf for _, leaf in flat]
         u_leaves = treedef.flatten_up_to(updates)
-        groups = _groups(params, label_fn)
+        groups = _groups(flat, label_fn)
         if set(groups) != set(state):
             raise ValueError(f"flat_update's state holds {sorted(state)}, params {sorted(groups)}")
         out = list(u_leaves)

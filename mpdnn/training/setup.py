@@ -256,7 +256,7 @@ def make_optimizer(
             quant_momentum=recipe.quant_momentum,
             quant_update=recipe.quant_update,
             freeze_step=freeze_step(config, steps_per_epoch),
-            flat=bool(o.get("flat_update", False)),  # and accounting.vectorized (setup())
+            flat=bool(o.get("flat_update", False)),  # setup() vectorizes the accounting too
         )
     except ValueError as err:
         raise cfg.ConfigError(str(err)) from None
